@@ -1,0 +1,40 @@
+# qvaudio: the two commands a person needs are `make demo` and `make test`.
+# Both install what they need (Debian/Ubuntu packages, then a virtualenv).
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test deps venv lint typecheck unit bench clean
+
+deps:
+	./scripts/install-deps.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: deps $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check qvaudio tests bench
+	$(VENV)/bin/ruff format --check qvaudio tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy qvaudio
+
+unit: venv
+	$(VENV)/bin/pytest
+
+test: lint typecheck unit
+
+demo: venv
+	$(VENV)/bin/qvaudio demo
+
+bench: venv
+	$(VPY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install the Debian/Ubuntu packages that qvaudio's tests and demo need.
+# Idempotent and quick when everything is already there: apt is only touched
+# for packages that are missing. Needs root (or sudo).
+set -euo pipefail
+
+packages=(
+    # build and run the Python package
+    python3 python3-venv python3-dev gcc make
+    # the guest's and the host's audio servers, and their client tools
+    pulseaudio pulseaudio-utils libpulse0 pipewire pipewire-pulse wireplumber dbus
+    # libxenvchan (runtime + header, for the struct-layout check) and the real xenstored
+    libxenmisc4.17 libxen-dev xen-utils-4.17 xenstore-utils
+    # packaging
+    rpm rpmlint
+    # measuring audio by hand
+    sox
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null; then
+    echo "install-deps: no apt-get here; install these yourself: ${missing[*]}" >&2
+    echo "install-deps: on Fedora: sudo dnf install pulseaudio-utils pipewire-pulseaudio xen-libs xen-devel rpm-build rpmlint sox" >&2
+    exit 1
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "install-deps: installing ${missing[*]}" >&2
+$sudo apt-get update -q
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
