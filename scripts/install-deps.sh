@@ -8,7 +8,7 @@ packages=(
     # build and run the Python package
     python3 python3-venv python3-dev gcc make
     # the guest's and the host's audio servers, and their client tools
-    pulseaudio pulseaudio-utils libpulse0 pipewire pipewire-pulse wireplumber dbus
+    pulseaudio pulseaudio-utils libpulse0 libpulse-dev pipewire pipewire-pulse wireplumber dbus dbus-user-session
     # libxenvchan (runtime + header, for the struct-layout check) and the real xenstored
     libxenmisc4.17 libxen-dev xen-utils-4.17 xenstore-utils
     # packaging
@@ -34,4 +34,4 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 echo "install-deps: installing ${missing[*]}" >&2
 $sudo apt-get update -q
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"

@@ -1,0 +1,492 @@
+"""The qvaudio wire protocol: frames, events and their codec. No I/O.
+
+Bytes go in and events come out (`Decoder.feed`); events go in and bytes come
+out (`encode`). Which events may be sent when is the job of
+`qvaudio.connection`; this module only knows what a well-formed frame is and
+who may send which kind. The byte layout is described in docs/protocol.md.
+
+Every frame is a 4-byte header followed by a payload:
+
+    type: u8 | flags: u8 (must be 0) | length: u16 little-endian | payload
+
+Everything a peer sends is validated here, field by field, because the dom0
+side treats every guest as hostile: malformed input raises
+`RemoteProtocolError` (never anything else), and the decoder never holds more
+than one incomplete frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Final, TypeVar
+
+from qvaudio.formats import AudioFormat, FormatError, SampleFormat
+
+PROTOCOL_VERSION: Final = 1
+MIN_PROTOCOL_VERSION: Final = 1
+MAGIC: Final = b"QVAU"
+
+HEADER = struct.Struct("<BBH")
+HEADER_SIZE: Final = HEADER.size
+#: Largest payload of any frame; a frame of 4 + 65532 bytes fits in 64 KiB.
+MAX_PAYLOAD: Final = 65532
+MAX_FRAME: Final = HEADER_SIZE + MAX_PAYLOAD
+#: Reasons are for logs and notifications: short, printable text.
+MAX_REASON_BYTES: Final = 200
+#: A guest may list this many formats in one offer, in preference order.
+MAX_OFFERED_FORMATS: Final = 16
+
+_HELLO = struct.Struct("<4sHH")
+_GOODBYE_CODE = struct.Struct("<H")
+_FORMAT = struct.Struct("<IBBH")
+_STREAM_COUNT = struct.Struct("<BB")
+_POSITION = struct.Struct("<QQII")
+
+
+class Role(enum.Enum):
+    """Which end of the connection: the guest agent or the dom0 agent."""
+
+    GUEST = "guest"
+    DOM0 = "dom0"
+
+    @property
+    def peer(self) -> Role:
+        return Role.DOM0 if self is Role.GUEST else Role.GUEST
+
+
+class StreamKind(enum.IntEnum):
+    """The two directions audio flows in; the values are wire codes."""
+
+    PLAYBACK = 0  # guest -> dom0: what the VM plays
+    CAPTURE = 1  # dom0 -> guest: the microphone
+
+
+class CaptureStatus(enum.IntEnum):
+    STOPPED = 0
+    RUNNING = 1
+    DENIED = 2
+
+
+class GoodbyeCode(enum.IntEnum):
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    VERSION_UNSUPPORTED = 2
+    POLICY_DENIED = 3
+    TIMEOUT = 4
+    RATE_EXCEEDED = 5
+    INTERNAL_ERROR = 6
+    SHUTDOWN = 7
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0x01
+    GOODBYE = 0x02
+    FORMAT_OFFER = 0x10
+    FORMAT_ACCEPT = 0x11
+    FORMAT_REFUSE = 0x12
+    PLAYBACK_PCM = 0x20
+    CAPTURE_PCM = 0x21
+    CORK = 0x30
+    CAPTURE_REQUEST = 0x31
+    CAPTURE_STATE = 0x32
+    POSITION = 0x40
+
+
+class ProtocolError(Exception):
+    """Base of the protocol's errors; `code` is what a goodbye should carry."""
+
+    def __init__(self, message: str, code: GoodbyeCode = GoodbyeCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol forbids: a bug on our side."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something malformed or out of order: cut it off."""
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame from each side; `version` is the highest the sender speaks."""
+
+    version: int = PROTOCOL_VERSION
+    frame_type: ClassVar[FrameType] = FrameType.HELLO
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """Last frame: why the sender is closing."""
+
+    code: GoodbyeCode
+    reason: str = ""
+    frame_type: ClassVar[FrameType] = FrameType.GOODBYE
+
+
+@dataclass(frozen=True, slots=True)
+class FormatOffer:
+    """Guest: formats it can produce (playback) or take (capture), best first."""
+
+    stream: StreamKind
+    formats: tuple[AudioFormat, ...]
+    frame_type: ClassVar[FrameType] = FrameType.FORMAT_OFFER
+
+
+@dataclass(frozen=True, slots=True)
+class FormatAccept:
+    """dom0: the one offered format it chose within policy."""
+
+    stream: StreamKind
+    format: AudioFormat
+    frame_type: ClassVar[FrameType] = FrameType.FORMAT_ACCEPT
+
+
+@dataclass(frozen=True, slots=True)
+class FormatRefuse:
+    """dom0: none of the offered formats is allowed (or the stream is denied)."""
+
+    stream: StreamKind
+    reason: str
+    frame_type: ClassVar[FrameType] = FrameType.FORMAT_REFUSE
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackData:
+    """Guest: interleaved PCM in the negotiated playback format."""
+
+    pcm: bytes
+    frame_type: ClassVar[FrameType] = FrameType.PLAYBACK_PCM
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureData:
+    """dom0: microphone PCM in the negotiated capture format."""
+
+    pcm: bytes
+    frame_type: ClassVar[FrameType] = FrameType.CAPTURE_PCM
+
+
+@dataclass(frozen=True, slots=True)
+class Cork:
+    """Guest: nothing is playing (corked) or sound starts again (uncorked)."""
+
+    corked: bool
+    frame_type: ClassVar[FrameType] = FrameType.CORK
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureRequest:
+    """Guest: an application opened (start) or closed (stop) the microphone."""
+
+    start: bool
+    frame_type: ClassVar[FrameType] = FrameType.CAPTURE_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureState:
+    """dom0: whether microphone audio flows, and why not when it doesn't."""
+
+    status: CaptureStatus
+    reason: str = ""
+    frame_type: ClassVar[FrameType] = FrameType.CAPTURE_STATE
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """dom0: how far playback has got, and the latency on dom0's side.
+
+    `received_frames` counts playback frames dom0 has taken from the
+    transport; `played_frames` those the host audio server has consumed.
+    `playback_latency_us` is the time from dom0 receiving a frame to it being
+    heard (agent queue plus host server latency); `capture_latency_us` the
+    age of microphone audio when dom0 sends it.
+    """
+
+    received_frames: int
+    played_frames: int
+    playback_latency_us: int
+    capture_latency_us: int
+    frame_type: ClassVar[FrameType] = FrameType.POSITION
+
+
+Event = (
+    Hello
+    | Goodbye
+    | FormatOffer
+    | FormatAccept
+    | FormatRefuse
+    | PlaybackData
+    | CaptureData
+    | Cork
+    | CaptureRequest
+    | CaptureState
+    | Position
+)
+
+#: Who may send each frame type. Anything else from a peer is an error.
+SENDERS: Final[dict[FrameType, frozenset[Role]]] = {
+    FrameType.HELLO: frozenset({Role.GUEST, Role.DOM0}),
+    FrameType.GOODBYE: frozenset({Role.GUEST, Role.DOM0}),
+    FrameType.FORMAT_OFFER: frozenset({Role.GUEST}),
+    FrameType.FORMAT_ACCEPT: frozenset({Role.DOM0}),
+    FrameType.FORMAT_REFUSE: frozenset({Role.DOM0}),
+    FrameType.PLAYBACK_PCM: frozenset({Role.GUEST}),
+    FrameType.CAPTURE_PCM: frozenset({Role.DOM0}),
+    FrameType.CORK: frozenset({Role.GUEST}),
+    FrameType.CAPTURE_REQUEST: frozenset({Role.GUEST}),
+    FrameType.CAPTURE_STATE: frozenset({Role.DOM0}),
+    FrameType.POSITION: frozenset({Role.DOM0}),
+}
+
+_U32_MAX: Final = 0xFFFF_FFFF
+_E = TypeVar("_E", bound=enum.IntEnum)
+_U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+
+# --- encoding -----------------------------------------------------------------
+
+
+def _check_reason(reason: str, error: type[ProtocolError]) -> bytes:
+    # Reasons end up in dom0's logs and notifications: only short printable text,
+    # so that a hostile guest cannot forge log lines or flood them.
+    if not reason.isprintable():
+        raise error("reason text contains non-printable characters")
+    data = reason.encode("utf-8")
+    if len(data) > MAX_REASON_BYTES:
+        raise error(f"reason text is {len(data)} bytes (at most {MAX_REASON_BYTES})")
+    return data
+
+
+def _encode_format(fmt: AudioFormat) -> bytes:
+    return _FORMAT.pack(fmt.rate, fmt.sample_format.value, fmt.channels, 0)
+
+
+def _encode_payload(event: Event) -> bytes:
+    err = LocalProtocolError
+    match event:
+        case Hello(version=version):
+            if not 0 < version <= 0xFFFF:
+                raise err(f"protocol version {version} does not fit the hello frame")
+            return _HELLO.pack(MAGIC, version, 0)
+        case Goodbye(code=code, reason=reason):
+            return _GOODBYE_CODE.pack(GoodbyeCode(code).value) + _check_reason(reason, err)
+        case FormatOffer(stream=stream, formats=formats):
+            if not 1 <= len(formats) <= MAX_OFFERED_FORMATS:
+                raise err(f"an offer lists 1 to {MAX_OFFERED_FORMATS} formats, not {len(formats)}")
+            head = _STREAM_COUNT.pack(StreamKind(stream).value, len(formats))
+            return head + b"".join(_encode_format(f) for f in formats)
+        case FormatAccept(stream=stream, format=fmt):
+            return bytes([StreamKind(stream).value]) + _encode_format(fmt)
+        case FormatRefuse(stream=stream, reason=reason):
+            return bytes([StreamKind(stream).value]) + _check_reason(reason, err)
+        case PlaybackData(pcm=pcm) | CaptureData(pcm=pcm):
+            if not pcm:
+                raise err("a PCM frame must carry at least one byte")
+            return bytes(pcm)
+        case Cork(corked=flag) | CaptureRequest(start=flag):
+            return bytes([1 if flag else 0])
+        case CaptureState(status=status, reason=reason):
+            return bytes([CaptureStatus(status).value]) + _check_reason(reason, err)
+        case Position(
+            received_frames=received,
+            played_frames=played,
+            playback_latency_us=play_lat,
+            capture_latency_us=cap_lat,
+        ):
+            if not (0 <= received <= _U64_MAX and 0 <= played <= _U64_MAX):
+                raise err("frame counters must fit in 64 bits")
+            if not (0 <= play_lat <= _U32_MAX and 0 <= cap_lat <= _U32_MAX):
+                raise err("latencies must fit in 32 bits")
+            return _POSITION.pack(received, played, play_lat, cap_lat)
+    raise err(f"not a protocol event: {event!r}")
+
+
+def encode(event: Event) -> bytes:
+    """One event as one frame. Raises LocalProtocolError for what can't be sent."""
+    payload = _encode_payload(event)
+    if len(payload) > MAX_PAYLOAD:
+        raise LocalProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(event.frame_type.value, 0, len(payload)) + payload
+
+
+def encode_pcm(kind: StreamKind, pcm: bytes, frame_size: int) -> Iterable[bytes]:
+    """Split PCM into frames no larger than the maximum, each whole audio frames."""
+    if frame_size <= 0:
+        raise LocalProtocolError("frame size must be positive")
+    step = MAX_PAYLOAD - MAX_PAYLOAD % frame_size
+    cls = PlaybackData if kind is StreamKind.PLAYBACK else CaptureData
+    view = memoryview(pcm)
+    for start in range(0, len(pcm), step):
+        yield encode(cls(bytes(view[start : start + step])))
+
+
+# --- decoding -----------------------------------------------------------------
+
+
+def _decode_reason(data: bytes) -> str:
+    if len(data) > MAX_REASON_BYTES:
+        raise RemoteProtocolError(f"reason text is {len(data)} bytes (at most {MAX_REASON_BYTES})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("reason text is not valid UTF-8") from None
+    if not text.isprintable():
+        raise RemoteProtocolError("reason text contains non-printable characters")
+    return text
+
+
+def _decode_enum(cls: type[_E], value: int, what: str) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown {what} {value}") from None
+
+
+def _decode_format(data: bytes) -> AudioFormat:
+    rate, sample_format, channels, reserved = _FORMAT.unpack(data)
+    if reserved:
+        raise RemoteProtocolError("reserved bytes of a format are not zero")
+    fmt_code = _decode_enum(SampleFormat, sample_format, "sample format")
+    try:
+        return AudioFormat(rate, fmt_code, channels)
+    except FormatError as exc:
+        raise RemoteProtocolError(str(exc)) from None
+
+
+def _expect_size(kind: FrameType, payload: bytes, size: int) -> None:
+    if len(payload) != size:
+        raise RemoteProtocolError(f"{kind.name} payload is {len(payload)} bytes, expected {size}")
+
+
+def _decode_payload(kind: FrameType, payload: bytes) -> Event:
+    match kind:
+        case FrameType.HELLO:
+            _expect_size(kind, payload, _HELLO.size)
+            magic, version, reserved = _HELLO.unpack(payload)
+            if magic != MAGIC:
+                raise RemoteProtocolError("hello does not start with the qvaudio magic")
+            if reserved:
+                raise RemoteProtocolError("reserved bytes of hello are not zero")
+            if version == 0:
+                raise RemoteProtocolError("protocol version 0 is invalid")
+            return Hello(version)
+        case FrameType.GOODBYE:
+            if len(payload) < _GOODBYE_CODE.size:
+                raise RemoteProtocolError("goodbye frame too short")
+            (code,) = _GOODBYE_CODE.unpack_from(payload)
+            return Goodbye(
+                _decode_enum(GoodbyeCode, code, "goodbye code"),
+                _decode_reason(payload[_GOODBYE_CODE.size :]),
+            )
+        case FrameType.FORMAT_OFFER:
+            if len(payload) < _STREAM_COUNT.size:
+                raise RemoteProtocolError("format offer too short")
+            stream, count = _STREAM_COUNT.unpack_from(payload)
+            if not 1 <= count <= MAX_OFFERED_FORMATS:
+                raise RemoteProtocolError(
+                    f"an offer lists 1 to {MAX_OFFERED_FORMATS} formats, not {count}"
+                )
+            _expect_size(kind, payload, _STREAM_COUNT.size + count * _FORMAT.size)
+            body = payload[_STREAM_COUNT.size :]
+            formats = tuple(
+                _decode_format(body[i * _FORMAT.size : (i + 1) * _FORMAT.size])
+                for i in range(count)
+            )
+            return FormatOffer(_decode_enum(StreamKind, stream, "stream"), formats)
+        case FrameType.FORMAT_ACCEPT:
+            _expect_size(kind, payload, 1 + _FORMAT.size)
+            return FormatAccept(
+                _decode_enum(StreamKind, payload[0], "stream"), _decode_format(payload[1:])
+            )
+        case FrameType.FORMAT_REFUSE:
+            if len(payload) < 1:
+                raise RemoteProtocolError("format refusal too short")
+            return FormatRefuse(
+                _decode_enum(StreamKind, payload[0], "stream"), _decode_reason(payload[1:])
+            )
+        case FrameType.PLAYBACK_PCM | FrameType.CAPTURE_PCM:
+            if not payload:
+                raise RemoteProtocolError("empty PCM frame")
+            return PlaybackData(payload) if kind is FrameType.PLAYBACK_PCM else CaptureData(payload)
+        case FrameType.CORK | FrameType.CAPTURE_REQUEST:
+            _expect_size(kind, payload, 1)
+            if payload[0] > 1:
+                raise RemoteProtocolError(f"{kind.name} flag must be 0 or 1, not {payload[0]}")
+            return (
+                Cork(payload[0] == 1) if kind is FrameType.CORK else CaptureRequest(payload[0] == 1)
+            )
+        case FrameType.CAPTURE_STATE:
+            if len(payload) < 1:
+                raise RemoteProtocolError("capture state too short")
+            return CaptureState(
+                _decode_enum(CaptureStatus, payload[0], "capture status"),
+                _decode_reason(payload[1:]),
+            )
+        case FrameType.POSITION:
+            _expect_size(kind, payload, _POSITION.size)
+            return Position(*_POSITION.unpack(payload))
+    raise AssertionError(f"unhandled frame type {kind!r}")  # pragma: no cover
+
+
+class Decoder:
+    """Turns a byte stream from one peer into events.
+
+    Parsing is eager: `feed` returns every complete frame at once and keeps
+    only the tail of an incomplete one, so the decoder never buffers more than
+    one frame however the input is split. After an error it stays failed: a
+    stream that lost framing cannot be trusted again.
+    """
+
+    def __init__(self, sender: Role) -> None:
+        self.sender = sender
+        self._buffer = bytearray()
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of an incomplete frame (at most MAX_FRAME - 1)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        events: list[Event] = []
+        offset = 0
+        try:
+            while len(self._buffer) - offset >= HEADER_SIZE:
+                kind_code, flags, length = HEADER.unpack_from(self._buffer, offset)
+                kind = self._check_header(kind_code, flags, length)
+                end = offset + HEADER_SIZE + length
+                if end > len(self._buffer):
+                    break
+                # One copy per frame: PCM needs its own bytes anyway, and no view
+                # into the buffer may outlive a validation error.
+                events.append(
+                    _decode_payload(kind, bytes(self._buffer[offset + HEADER_SIZE : end]))
+                )
+                offset = end
+        except RemoteProtocolError as exc:
+            self._error = exc
+            self._buffer.clear()
+            raise
+        del self._buffer[:offset]
+        return events
+
+    def _check_header(self, kind_code: int, flags: int, length: int) -> FrameType:
+        kind = _decode_enum(FrameType, kind_code, "frame type")
+        if self.sender not in SENDERS[kind]:
+            raise RemoteProtocolError(f"{kind.name} may not be sent by the {self.sender.value}")
+        if flags:
+            raise RemoteProtocolError(f"frame flags must be 0, not {flags:#04x}")
+        if length > MAX_PAYLOAD:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+        return kind
