@@ -43,11 +43,13 @@ from qvaudio.protocol import (
     Hello,
     LocalProtocolError,
     PlaybackData,
+    PlaybackState,
     Position,
     ProtocolError,
     RemoteProtocolError,
     Role,
     StreamKind,
+    StreamStatus,
     encode,
 )
 
@@ -92,6 +94,8 @@ class Connection:
         self.state = ConnectionState.HANDSHAKE
         self.version: int | None = None
         self.capture_status = CaptureStatus.STOPPED
+        #: dom0 may stop playback after agreeing its format (a live policy change).
+        self.playback_status = StreamStatus.RUNNING
         self.corked = False
         self.goodbye_received: Goodbye | None = None
         self._decoder = Decoder(role.peer)
@@ -207,6 +211,8 @@ class Connection:
                 if fmt not in negotiation.offered:
                     raise error(f"accepted {kind.name.lower()} format {fmt} was not offered")
                 negotiation.settle(fmt)
+                if kind is StreamKind.PLAYBACK:
+                    self.playback_status = StreamStatus.RUNNING
             case FormatRefuse(stream=kind):
                 self._expect_pending(kind, error)
                 self._streams[kind].settle(None)
@@ -218,6 +224,11 @@ class Connection:
                 # ours alike no PCM may follow an unanswered offer.
                 if negotiation.pending:
                     raise error("playback PCM while a format offer is pending")
+                # PCM already in flight when dom0 stopped playback is fine to
+                # receive; the guest itself stops sending once it knows.
+                if sender is self.role and self.playback_status is not StreamStatus.RUNNING:
+                    status = self.playback_status.name.lower()
+                    raise error(f"playback PCM while playback is {status}")
                 self._check_pcm(StreamKind.PLAYBACK, pcm, error)
             case CaptureData(pcm=pcm):
                 if sender is self.role and self._streams[StreamKind.CAPTURE].pending:
@@ -229,6 +240,10 @@ class Connection:
                 if status is CaptureStatus.RUNNING and self.format(StreamKind.CAPTURE) is None:
                     raise error("capture running without an agreed capture format")
                 self.capture_status = status
+            case PlaybackState(status=status):
+                if self.format(StreamKind.PLAYBACK) is None:
+                    raise error("playback state without an agreed playback format")
+                self.playback_status = status
             case Cork(corked=corked):
                 self.corked = corked
             case CaptureRequest() | Position():

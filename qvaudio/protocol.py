@@ -64,10 +64,15 @@ class StreamKind(enum.IntEnum):
     CAPTURE = 1  # dom0 -> guest: the microphone
 
 
-class CaptureStatus(enum.IntEnum):
+class StreamStatus(enum.IntEnum):
+    """Whether audio of a stream flows; dom0 says so for both directions."""
+
     STOPPED = 0
     RUNNING = 1
     DENIED = 2
+
+
+CaptureStatus = StreamStatus
 
 
 class GoodbyeCode(enum.IntEnum):
@@ -92,6 +97,7 @@ class FrameType(enum.IntEnum):
     CORK = 0x30
     CAPTURE_REQUEST = 0x31
     CAPTURE_STATE = 0x32
+    PLAYBACK_STATE = 0x33
     POSITION = 0x40
 
 
@@ -200,6 +206,19 @@ class CaptureState:
 
 
 @dataclass(frozen=True, slots=True)
+class PlaybackState:
+    """dom0: playback was denied (or allowed again) after the format was agreed.
+
+    Sent when a live policy change flips a VM's playback, so the guest stops
+    streaming audio nobody will hear and can tell its user why.
+    """
+
+    status: StreamStatus
+    reason: str = ""
+    frame_type: ClassVar[FrameType] = FrameType.PLAYBACK_STATE
+
+
+@dataclass(frozen=True, slots=True)
 class Position:
     """dom0: how far playback has got, and the latency on dom0's side.
 
@@ -228,6 +247,7 @@ Event = (
     | Cork
     | CaptureRequest
     | CaptureState
+    | PlaybackState
     | Position
 )
 
@@ -243,6 +263,7 @@ SENDERS: Final[dict[FrameType, frozenset[Role]]] = {
     FrameType.CORK: frozenset({Role.GUEST}),
     FrameType.CAPTURE_REQUEST: frozenset({Role.GUEST}),
     FrameType.CAPTURE_STATE: frozenset({Role.DOM0}),
+    FrameType.PLAYBACK_STATE: frozenset({Role.DOM0}),
     FrameType.POSITION: frozenset({Role.DOM0}),
 }
 
@@ -293,8 +314,10 @@ def _encode_payload(event: Event) -> bytes:
             return bytes(pcm)
         case Cork(corked=flag) | CaptureRequest(start=flag):
             return bytes([1 if flag else 0])
-        case CaptureState(status=status, reason=reason):
-            return bytes([CaptureStatus(status).value]) + _check_reason(reason, err)
+        case (
+            CaptureState(status=status, reason=reason) | PlaybackState(status=status, reason=reason)
+        ):
+            return bytes([StreamStatus(status).value]) + _check_reason(reason, err)
         case Position(
             received_frames=received,
             played_frames=played,
@@ -423,13 +446,14 @@ def _decode_payload(kind: FrameType, payload: bytes) -> Event:
             return (
                 Cork(payload[0] == 1) if kind is FrameType.CORK else CaptureRequest(payload[0] == 1)
             )
-        case FrameType.CAPTURE_STATE:
+        case FrameType.CAPTURE_STATE | FrameType.PLAYBACK_STATE:
             if len(payload) < 1:
-                raise RemoteProtocolError("capture state too short")
-            return CaptureState(
-                _decode_enum(CaptureStatus, payload[0], "capture status"),
-                _decode_reason(payload[1:]),
-            )
+                raise RemoteProtocolError(f"{kind.name} too short")
+            status = _decode_enum(StreamStatus, payload[0], "stream status")
+            reason = _decode_reason(payload[1:])
+            if kind is FrameType.CAPTURE_STATE:
+                return CaptureState(status, reason)
+            return PlaybackState(status, reason)
         case FrameType.POSITION:
             _expect_size(kind, payload, _POSITION.size)
             return Position(*_POSITION.unpack(payload))

@@ -23,10 +23,12 @@ from qvaudio.protocol import (
     Hello,
     LocalProtocolError,
     PlaybackData,
+    PlaybackState,
     Position,
     RemoteProtocolError,
     Role,
     StreamKind,
+    StreamStatus,
     encode,
 )
 
@@ -173,6 +175,25 @@ def test_revocation_stops_later_samples() -> None:
         dom0.send(CaptureData(S16_PCM))
 
 
+def test_playback_denied_mid_stream() -> None:
+    guest, dom0 = negotiated()
+    in_flight = guest.send(PlaybackData(S16_PCM))
+    deliver(dom0, guest, PlaybackState(StreamStatus.DENIED, "policy changed"))
+    # What the guest sent before it knew still arrives (dom0 discards it) ...
+    assert dom0.receive_data(in_flight) == [PlaybackData(S16_PCM)]
+    # ... but the guest sends nothing more until playback is allowed again.
+    with pytest.raises(LocalProtocolError, match="playback is denied"):
+        guest.send(PlaybackData(S16_PCM))
+    deliver(dom0, guest, PlaybackState(StreamStatus.RUNNING))
+    assert deliver(guest, dom0, PlaybackData(S16_PCM)) == [PlaybackData(S16_PCM)]
+
+
+def test_playback_state_needs_an_agreed_format() -> None:
+    _guest, dom0 = pair()
+    with pytest.raises(LocalProtocolError, match="without an agreed playback format"):
+        dom0.send(PlaybackState(StreamStatus.DENIED))
+
+
 def test_accept_must_be_one_of_the_offered() -> None:
     guest, dom0 = pair()
     deliver(guest, dom0, FormatOffer(StreamKind.PLAYBACK, (F32,)))
@@ -236,6 +257,7 @@ dom0_moves = st.one_of(
     st.builds(FormatRefuse, st.sampled_from(list(StreamKind)), st.just("no")),
     st.builds(CaptureState, st.sampled_from(list(CaptureStatus)), st.just("")),
     st.just(CaptureData(S16_PCM)),
+    st.builds(PlaybackState, st.sampled_from(list(StreamStatus)), st.just("")),
     st.just(Position(1, 1, 1, 1)),
 )
 
@@ -257,3 +279,4 @@ def test_whatever_one_end_may_send_the_other_accepts(
             assert receiver.receive_data(wire) == [event]
     assert guest.state is dom0.state is ConnectionState.OPEN
     assert guest.capture_status is dom0.capture_status
+    assert guest.playback_status is dom0.playback_status
