@@ -57,6 +57,8 @@ _INSTALL_HINT: Final = (
 )
 _NO_GNTALLOC_HINT: Final = "not running in a Xen domain (no /dev/xen/gntalloc)"
 _NO_XENSTORE_HINT: Final = "no XenStore reachable (not in a Xen domain, or xenstored not running)"
+_GNTALLOC = "/dev/xen/gntalloc"  # module attributes, so tests can point them elsewhere
+_GNTDEV = "/dev/xen/gntdev"
 _XENSTORE_PATHS: Final = (
     "/run/xenstored/socket",
     "/var/run/xenstored/socket",
@@ -178,21 +180,21 @@ def _raise_init_error(op: str, err: int, path: str, domain: int) -> NoReturn:
             else "permission denied on /dev/xen/*: run as root",
         )
     if op == "server_init":
-        if not os.path.exists("/dev/xen/gntalloc"):
+        if not os.path.exists(_GNTALLOC):
             raise XenUnavailableError(err, message, _NO_GNTALLOC_HINT)
         if not _xenstore_reachable():
             raise XenUnavailableError(err, message, _NO_XENSTORE_HINT)
         raise VchanError(err, message, "check the Xen kernel modules (xen_gntalloc, xen_evtchn)")
     if not _xenstore_reachable():
         raise XenUnavailableError(err, message, _NO_XENSTORE_HINT)
-    if err in (0, errno_mod.ENOENT) and os.path.exists("/dev/xen/gntdev"):
+    if err in (0, errno_mod.ENOENT) and os.path.exists(_GNTDEV):
         raise VchanPeerNotFoundError(
             err,
             message,
             f"no vchan server published at {path} (is the agent in domain {domain} "
             "running and listening for this domain?)",
         )
-    if not os.path.exists("/dev/xen/gntdev"):
+    if not os.path.exists(_GNTDEV):
         raise XenUnavailableError(err, message, "no /dev/xen/gntdev: load the xen_gntdev module")
     raise VchanError(err, message, "check the Xen kernel modules (xen_gntdev, xen_evtchn)")
 
