@@ -1,0 +1,202 @@
+"""The guest's virtual audio devices, through pulsectl (control only, no PCM).
+
+The guest agent owns two devices in the VM's audio server: a null sink that
+applications play into (its monitor is what the agent records and sends to
+dom0) and a virtual microphone (a remapped monitor of a second, hidden null
+sink that the agent plays dom0's capture into). Everything here is plain
+module loading with arguments both PulseAudio 16 and pipewire-pulse accept,
+so the same code runs on either server.
+
+Devices are found by name, not by a remembered index: an agent that crashed
+leaves its modules loaded, and the next run adopts them instead of stacking
+duplicates.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any, Final
+
+import pulsectl
+
+from qvaudio.formats import AudioFormat
+
+log = logging.getLogger(__name__)
+
+NULL_SINK_MODULE: Final = "module-null-sink"
+REMAP_SOURCE_MODULE: Final = "module-remap-source"
+#: Suffix of the hidden null sink behind a virtual source.
+BACKING_SINK_SUFFIX: Final = "_in"
+
+# pulsectl has no type hints; `Pulse` stands for a connected pulsectl.Pulse.
+Pulse = Any
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+_ARG_NAME_RE: Final = re.compile(r"\b(?:sink_name|source_name)=(\"[^\"]*\"|'[^']*'|\S+)")
+
+
+class DeviceState(enum.Enum):
+    """What a sink or source is doing, as the server reports it."""
+
+    RUNNING = "running"  # a stream is connected and not corked
+    IDLE = "idle"  # opened but nothing flowing
+    SUSPENDED = "suspended"  # closed, nobody uses it
+
+
+def backing_sink_name(source_name: str) -> str:
+    """The null sink whose monitor feeds the virtual source `source_name`."""
+    return source_name + BACKING_SINK_SUFFIX
+
+
+def _check_name(name: str) -> None:
+    # Names end up unquoted inside module arguments: keep them to a safe alphabet.
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"device name {name!r} must match {_NAME_RE.pattern}")
+
+
+def _quote_description(description: str) -> str:
+    """A device.description property value that survives both servers' argument parsers."""
+    # Both parsers accept a double-quoted value inside a single-quoted one;
+    # quotes inside the text itself would end it early: use typographic ones.
+    cleaned = description.replace('"', "\u201d").replace("'", "\u2019").replace("\\", "/")
+    return f"'device.description=\"{cleaned}\"'"
+
+
+def _find_sink(pulse: Pulse, name: str) -> Any | None:
+    for sink in pulse.sink_list():
+        if sink.name == name:
+            return sink
+    return None
+
+
+def _find_source(pulse: Pulse, name: str) -> Any | None:
+    for source in pulse.source_list():
+        if source.name == name:
+            return source
+    return None
+
+
+def ensure_null_sink(pulse: Pulse, name: str, description: str, fmt: AudioFormat) -> int:
+    """Return the index of null sink `name`, loading it only if no sink has that name."""
+    _check_name(name)
+    existing = _find_sink(pulse, name)
+    if existing is not None:
+        log.info("adopting existing sink %s (index %d)", name, existing.index)
+        return int(existing.index)
+    args = (
+        f"sink_name={name} format={fmt.sample_format.pulse_name} rate={fmt.rate} "
+        f"channels={fmt.channels} sink_properties={_quote_description(description)}"
+    )
+    module = pulse.module_load(NULL_SINK_MODULE, args)
+    sink = _find_sink(pulse, name)
+    if sink is None:
+        # The server accepted the module but made no such sink: do not leak it.
+        pulse.module_unload(module)
+        raise RuntimeError(f"{NULL_SINK_MODULE} {args!r} loaded but sink {name} did not appear")
+    log.info("created null sink %s (index %d, module %d)", name, sink.index, module)
+    return int(sink.index)
+
+
+def ensure_virtual_source(pulse: Pulse, name: str, description: str, fmt: AudioFormat) -> int:
+    """Return the index of virtual source `name`, creating it (and its backing sink) if missing.
+
+    Audio played into the sink `backing_sink_name(name)` is what applications
+    recording from source `name` get. A remapped monitor, rather than the
+    monitor itself, so applications see an ordinary input device and not a
+    "Monitor of ..." entry.
+    """
+    _check_name(name)
+    backing = backing_sink_name(name)
+    ensure_null_sink(pulse, backing, f"{description} (feed)", fmt)
+    existing = _find_source(pulse, name)
+    if existing is not None:
+        log.info("adopting existing source %s (index %d)", name, existing.index)
+        return int(existing.index)
+    args = (
+        f"master={backing}.monitor source_name={name} "
+        f"source_properties={_quote_description(description)}"
+    )
+    module = pulse.module_load(REMAP_SOURCE_MODULE, args)
+    source = _find_source(pulse, name)
+    if source is None:
+        pulse.module_unload(module)
+        raise RuntimeError(
+            f"{REMAP_SOURCE_MODULE} {args!r} loaded but source {name} did not appear"
+        )
+    log.info("created virtual source %s (index %d, module %d)", name, source.index, module)
+    return int(source.index)
+
+
+def _device_name_in(argument: str) -> str | None:
+    match = _ARG_NAME_RE.search(argument or "")
+    return match.group(1).strip("'\"") if match else None
+
+
+def remove_owned_modules(pulse: Pulse, names: Iterable[str]) -> int:
+    """Unload the null-sink/remap-source modules that created devices called `names`.
+
+    A virtual source's backing sink is included automatically. Modules go
+    newest first, so a remap goes before the sink it reads from. Returns how
+    many were unloaded. Only our two module kinds are touched, whatever their
+    arguments, so a user's own devices with other modules are safe.
+    """
+    wanted: set[str] = set()
+    for name in names:
+        wanted.update((name, backing_sink_name(name)))
+    owned = [
+        module
+        for module in pulse.module_list()
+        if module.name in (NULL_SINK_MODULE, REMAP_SOURCE_MODULE)
+        and _device_name_in(module.argument) in wanted
+    ]
+    for module in sorted(owned, key=lambda m: m.index, reverse=True):
+        log.info("unloading %s %s (module %d)", module.name, module.argument, module.index)
+        pulse.module_unload(module.index)
+    return len(owned)
+
+
+def get_default_sink(pulse: Pulse) -> str:
+    return str(pulse.server_info().default_sink_name)
+
+
+def get_default_source(pulse: Pulse) -> str:
+    return str(pulse.server_info().default_source_name)
+
+
+def set_default_sink(pulse: Pulse, name: str) -> None:
+    """Make `name` the default sink (PipeWire needs a session manager for this)."""
+    pulse.sink_default_set(name)
+
+
+def set_default_source(pulse: Pulse, name: str) -> None:
+    pulse.source_default_set(name)
+
+
+def source_output_count(pulse: Pulse, source_name: str) -> int:
+    """How many record streams are attached to `source_name`: > 0 means someone is recording."""
+    source = _find_source(pulse, source_name)
+    if source is None:
+        raise LookupError(f"no source named {source_name}")
+    return sum(1 for out in pulse.source_output_list() if out.source == source.index)
+
+
+def sink_state(pulse: Pulse, name: str) -> DeviceState:
+    sink = _find_sink(pulse, name)
+    if sink is None:
+        raise LookupError(f"no sink named {name}")
+    return DeviceState(sink.state._value)
+
+
+def source_state(pulse: Pulse, name: str) -> DeviceState:
+    source = _find_source(pulse, name)
+    if source is None:
+        raise LookupError(f"no source named {name}")
+    return DeviceState(source.state._value)
+
+
+def connect(client_name: str, server: str | None = None) -> Pulse:
+    """A connected pulsectl.Pulse (a context manager; close it when done)."""
+    return pulsectl.Pulse(client_name, server=server)

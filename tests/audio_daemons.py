@@ -1,0 +1,333 @@
+"""Real, private audio servers for tests (a pytest plugin).
+
+Each daemon gets its own runtime dir, home and socket under pytest's tmp
+dir, so tests never touch (or depend on) a desktop session's audio server,
+and several can run side by side (dom0 tests need a guest and a host).
+Both kinds expose the same interface: `.server` ("unix:/path"), `.env`
+(for subprocesses such as pactl), `.start()`, `.stop()`, `.kill()`,
+`.restart()`, `.alive`, `.log_text()`. Each comes up with a null sink
+"null" (monitor "null.monitor") as the default sink.
+
+A daemon that does not start fails the test with its log: a missing audio
+server is a broken test environment, not a reason to skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import pulsectl
+import pytest
+
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+LOG_TAIL_CHARS = 6000
+NULL_SINK = "null"
+
+
+class AudioServer:
+    """A private daemon (process group) serving the PulseAudio protocol on a Unix socket."""
+
+    kind = "abstract"
+
+    def __init__(self, name: str, base: Path) -> None:
+        self.name = name
+        self.base = base
+        self.runtime_dir = base / "xdg"
+        self.home = base / "home"
+        self.socket = base / "native"
+        self.server = f"unix:{self.socket}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        client_conf = base / "client.conf"
+        self.env = {
+            "PULSE_SERVER": self.server,
+            "PULSE_CLIENTCONFIG": str(client_conf),
+            "XDG_RUNTIME_DIR": str(self.runtime_dir),
+            "PULSE_RUNTIME_PATH": str(self.runtime_dir / "pulse"),
+            "PIPEWIRE_RUNTIME_DIR": str(self.runtime_dir),
+            "HOME": str(self.home),
+        }
+        base.mkdir(parents=True, exist_ok=True)
+        # Clients must never autospawn a daemon of the user's when ours is down.
+        client_conf.write_text("autospawn = no\n")
+
+    # -- what subclasses provide --------------------------------------------------
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _log_files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def _after_ready(self, pulse: pulsectl.Pulse) -> None:
+        """Bring the server to the documented initial state."""
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def full_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PULSE_", "PIPEWIRE_"))}
+        env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+        env.update(self.env)
+        return env
+
+    def start(self) -> None:
+        if self.alive:
+            return
+        for path in (self.runtime_dir, self.home):
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(mode=0o700, parents=True)
+        self.socket.unlink(missing_ok=True)
+        with (self.base / "daemon.log").open("ab") as out:
+            out.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self._command(),
+                cwd=self.base,
+                env=self.full_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop/kill reach every child
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last_error = "never tried"
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                last_error = f"daemon exited with status {self.proc.returncode}"
+                break
+            if self.socket.exists():
+                try:
+                    with pulsectl.Pulse(f"qvaudio-test-probe-{self.name}", server=self.server) as p:
+                        p.server_info()
+                        self._after_ready(p)
+                    return
+                except pulsectl.PulseError as exc:
+                    last_error = repr(exc)
+            time.sleep(0.05)
+        log = self.log_text()
+        self.kill()
+        pytest.fail(
+            f"{self.kind} server {self.name!r} did not come up ({last_error}); log:\n{log}",
+            pytrace=False,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT_S)
+
+    def stop(self) -> None:
+        """Terminate cleanly (the daemon unloads its modules, clients see a disconnect)."""
+        self._signal(signal.SIGTERM)
+        self.proc = None
+
+    def kill(self) -> None:
+        """Die the way a crashed server does."""
+        self._signal(signal.SIGKILL)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def ensure_running(self) -> None:
+        """Bring the daemon back if an earlier test stopped or killed it."""
+        if not self.alive:
+            self.start()
+
+    def log_text(self, limit: int = LOG_TAIL_CHARS) -> str:
+        parts = []
+        for path in self._log_files():
+            if path.exists():
+                text = path.read_text("utf-8", "replace")
+                parts.append(f"--- {path.name} ---\n{text[-limit:]}")
+        return "\n".join(parts) or "(no log)"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.server} alive={self.alive}>"
+
+
+class PulseAudioServer(AudioServer):
+    """PulseAudio 16 as root, no D-Bus, no autospawn, config from our own .pa file."""
+
+    kind = "pulseaudio"
+
+    def _command(self) -> list[str]:
+        script = self.base / "default.pa"
+        script.write_text(
+            f"load-module module-native-protocol-unix auth-anonymous=1 socket={self.socket}\n"
+            f"load-module module-null-sink sink_name={NULL_SINK} rate=48000 channels=2\n"
+            f"set-default-sink {NULL_SINK}\n"
+        )
+        # Root is refused only with a warning without --system; -n skips the
+        # system default.pa, --use-pid-file=no lets several daemons coexist.
+        return [
+            "pulseaudio",
+            "-n",
+            "--daemonize=no",
+            "--exit-idle-time=-1",
+            "--disallow-exit",
+            "--use-pid-file=no",
+            "--log-target=stderr",
+            "-F",
+            str(script),
+        ]
+
+    def _log_files(self) -> list[Path]:
+        return [self.base / "daemon.log"]
+
+
+class PipeWireServer(AudioServer):
+    """pipewire + wireplumber + pipewire-pulse on a private D-Bus session bus."""
+
+    kind = "pipewire"
+
+    def _command(self) -> list[str]:
+        script = self.base / "run-pipewire.sh"
+        pw_socket = self.runtime_dir / "pipewire-0"
+        # wireplumber and pipewire-pulse need the pipewire socket; wireplumber
+        # is what makes default-device changes work.
+        script.write_text(
+            "#!/bin/sh\n"
+            "pipewire > pipewire.log 2>&1 &\n"
+            "i=0\n"
+            f'while [ ! -S "{pw_socket}" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n'
+            "wireplumber > wireplumber.log 2>&1 &\n"
+            "pipewire-pulse > pipewire-pulse.log 2>&1 &\n"
+            "wait\n"
+        )
+        return ["dbus-run-session", "--", "sh", str(script)]
+
+    def _wait_ready(self) -> None:
+        # pipewire-pulse listens on $PULSE_RUNTIME_PATH/native; a symlink puts
+        # it where every AudioServer's socket is.
+        real = self.runtime_dir / "pulse" / "native"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and not real.exists():
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if real.exists() and not self.socket.exists():
+            self.socket.symlink_to(real)
+        super()._wait_ready()
+
+    def _after_ready(self, pulse: pulsectl.Pulse) -> None:
+        if not any(s.name == NULL_SINK for s in pulse.sink_list()):
+            pulse.module_load(
+                "module-null-sink", f"sink_name={NULL_SINK} rate=48000 channels=2 format=s16le"
+            )
+        # The default moves only once wireplumber is up: wait for it.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(pulsectl.PulseOperationFailed):
+                pulse.sink_default_set(NULL_SINK)
+            if pulse.server_info().default_sink_name == NULL_SINK:
+                return
+            time.sleep(0.1)
+        raise pulsectl.PulseError("default sink never became 'null' (wireplumber not running?)")
+
+    def _log_files(self) -> list[Path]:
+        return [
+            self.base / name
+            for name in ("daemon.log", "pipewire.log", "wireplumber.log", "pipewire-pulse.log")
+        ]
+
+
+def _require(*programs: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        pytest.fail(f"audio test daemons need {', '.join(missing)} (run make deps)", pytrace=False)
+
+
+def _started(server: AudioServer, registry: list[AudioServer]) -> AudioServer:
+    registry.append(server)
+    server.start()
+    return server
+
+
+_all_servers: list[AudioServer] = []
+
+
+@pytest.fixture(scope="session")
+def pulse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulseAudioServer]:
+    """A private PulseAudio 16 daemon for the whole session."""
+    _require("pulseaudio")
+    server = PulseAudioServer("pulse", tmp_path_factory.mktemp("pa"))
+    _started(server, _all_servers)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pipewire_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipeWireServer]:
+    """A private PipeWire (with wireplumber and pipewire-pulse) for the whole session."""
+    _require("dbus-run-session", "pipewire", "wireplumber", "pipewire-pulse")
+    server = PipeWireServer("pipewire", tmp_path_factory.mktemp("pw"))
+    _started(server, _all_servers)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["pulseaudio", "pipewire"])
+def audio_server(request: pytest.FixtureRequest) -> AudioServer:
+    """Each test using this runs once against PulseAudio and once against PipeWire."""
+    fixture = "pulse_server" if request.param == "pulseaudio" else "pipewire_server"
+    server: AudioServer = request.getfixturevalue(fixture)
+    server.ensure_running()
+    return server
+
+
+@pytest.fixture(scope="session")
+def make_pulse_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[str], PulseAudioServer]]:
+    """Factory for more independent PulseAudio daemons (all stopped at session end)."""
+    _require("pulseaudio")
+    made: list[AudioServer] = []
+
+    def make(name: str) -> PulseAudioServer:
+        server = PulseAudioServer(name, tmp_path_factory.mktemp(f"pa-{name}"))
+        _started(server, made)
+        _all_servers.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+_FIXTURES = {"pulse_server", "pipewire_server", "audio_server", "make_pulse_server"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the daemons' logs to the report of a failing test that used them."""
+    report = yield
+    uses_servers = _FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if report.failed and uses_servers:
+        for server in _all_servers:
+            report.sections.append((f"{server.kind} {server.name} log", server.log_text()))
+    return report
