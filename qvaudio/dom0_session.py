@@ -1,0 +1,700 @@
+"""dom0's logic for one VM's connection. No I/O, no clock: time is an argument.
+
+`VmSession` is driven by bytes from the guest, the current policy snapshot,
+microphone attach/detach and the passing of time; it answers with actions
+(`Send`, `StartPlayback`, `Play`, `StartCapture`, `Log`, `Disconnect`, ...)
+that the dom0 agent's I/O shell carries out. Everything about enforcement
+lives here so it can be tested byte by byte:
+
+- the VM's identity is what the shell gives (`VmIdentity` from XenStore or
+  the transport); nothing the guest sends is consulted for it;
+- playback and capture follow the policy, re-checked on every policy change
+  and every microphone attach/detach;
+- the volume cap is applied to the samples before they are handed on;
+- a guest that breaks the protocol, never finishes its handshake, dribbles a
+  frame forever, sends control frames in a flood, pushes audio faster than
+  real time for long, or stops reading its microphone ring is cut off with a
+  logged reason, and only it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from qvaudio.connection import Connection, ConnectionState
+from qvaudio.formats import AudioFormat
+from qvaudio.gain import apply_gain, percent_to_gain
+from qvaudio.policy import Access, Decision, Direction, Policy, VmIdentity, choose_format, evaluate
+from qvaudio.protocol import (
+    MAX_PAYLOAD,
+    CaptureData,
+    CaptureRequest,
+    CaptureState,
+    Cork,
+    Event,
+    FormatAccept,
+    FormatOffer,
+    FormatRefuse,
+    Goodbye,
+    GoodbyeCode,
+    Hello,
+    PlaybackData,
+    PlaybackState,
+    Position,
+    ProtocolError,
+    RemoteProtocolError,
+    Role,
+    StreamKind,
+    StreamStatus,
+)
+
+# --- actions ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Bytes for the guest's transport."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartPlayback:
+    """Open the VM's stream on the host audio server.
+
+    `initial_volume` is the stream's starting mixer volume (0.0-1.0) relative
+    to the cap already applied to the samples.
+    """
+
+    format: AudioFormat
+    initial_volume: float
+
+
+@dataclass(frozen=True, slots=True)
+class StopPlayback:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Play:
+    """PCM for the VM's host stream, already capped."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartCapture:
+    """Open a record stream on the host microphone for this VM."""
+
+    format: AudioFormat
+
+
+@dataclass(frozen=True, slots=True)
+class StopCapture:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """A desktop notification, where a notification service runs."""
+
+    summary: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Close the transport. Any goodbye was already sent as a `Send` before it."""
+
+    code: GoodbyeCode
+    reason: str
+
+
+Action = (
+    Send
+    | StartPlayback
+    | StopPlayback
+    | Play
+    | StartCapture
+    | StopCapture
+    | Log
+    | Notify
+    | Disconnect
+)
+
+
+# --- limits -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much a guest may get away with before it is cut off."""
+
+    handshake_timeout: float = 5.0
+    #: A frame begun and not finished within this long is a stalled guest.
+    partial_frame_timeout: float = 5.0
+    control_frames_per_second: float = 50.0
+    control_burst: float = 200.0
+    #: Audio pushed faster than real time is throttled by not reading; a guest
+    #: still doing so after this long, while the host plays normally, is flooding.
+    flood_grace: float = 3.0
+    #: A guest whose microphone ring stays full this long is not reading it.
+    capture_stall_timeout: float = 5.0
+    position_interval: float = 0.25
+    idle_position_interval: float = 1.0
+    #: Audio buffered in dom0 for the host stream, per VM.
+    playback_queue_ms: int = 120
+    #: Read rate for audio that goes nowhere (playback denied or not agreed):
+    #: enough to drain a legitimate guest's in-flight audio, bounded for a flood.
+    discard_bytes_per_second: int = 48000 * 8 * 4
+
+
+@dataclass(slots=True)
+class _TokenBucket:
+    rate: float
+    burst: float
+    tokens: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.updated = now
+
+    def take(self, amount: float, now: float) -> bool:
+        self.refill(now)
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+
+@dataclass(slots=True)
+class Counters:
+    bytes_received: int = 0
+    frames_played: int = 0
+    bytes_discarded: int = 0
+    capture_bytes_sent: int = 0
+    capture_bytes_dropped: int = 0
+    underruns: int = 0
+
+
+@dataclass(slots=True)
+class _HostView:
+    """What the shell last told us about the host side."""
+
+    played_frames: int = 0
+    playback_latency_us: int = 0
+    capture_latency_us: int = 0
+
+
+# --- the session ------------------------------------------------------------------
+
+
+class VmSession:
+    """Everything dom0 decides about one connected VM."""
+
+    def __init__(
+        self,
+        vm: VmIdentity,
+        policy: Policy,
+        now: float,
+        *,
+        mic_attached: bool = False,
+        limits: Limits | None = None,
+    ) -> None:
+        self.vm = vm
+        self.limits = limits or Limits()
+        self.conn = Connection(Role.DOM0)
+        self.counters = Counters()
+        self.closed = False
+        self.close_reason = ""
+        self.mic_attached = mic_attached
+        self.capture_wanted = False
+        self.capture_running = False
+        self.playback_active = False
+        self._policy = policy
+        self._playback = evaluate(policy, vm, Direction.PLAYBACK)
+        self._capture = evaluate(policy, vm, Direction.CAPTURE)
+        self._started = now
+        self._partial_since: float | None = None
+        self._throttled_since: float | None = None
+        self._capture_stalled_since: float | None = None
+        self._last_position = now
+        self._host = _HostView()
+        self._control = _TokenBucket(
+            self.limits.control_frames_per_second,
+            self.limits.control_burst,
+            self.limits.control_burst,
+            now,
+        )
+        self._discard = _TokenBucket(
+            self.limits.discard_bytes_per_second,
+            self.limits.discard_bytes_per_second / 5,
+            self.limits.discard_bytes_per_second / 5,
+            now,
+        )
+        self._denial_logged: set[Direction] = set()
+
+    # -- what the shell asks ---------------------------------------------------------
+
+    @property
+    def playback_decision(self) -> Decision:
+        return self._playback
+
+    @property
+    def capture_decision(self) -> Decision:
+        return self._capture
+
+    @property
+    def playback_format(self) -> AudioFormat | None:
+        return self.conn.format(StreamKind.PLAYBACK)
+
+    @property
+    def capture_format(self) -> AudioFormat | None:
+        return self.conn.format(StreamKind.CAPTURE)
+
+    @property
+    def gain(self) -> float:
+        return percent_to_gain(self._playback.settings.volume_max.value)
+
+    def playback_queue_limit(self) -> int:
+        """Bytes of capped audio the shell may queue for the host stream."""
+        fmt = self.playback_format
+        if fmt is None:
+            return 0
+        return max(fmt.bytes_for_ms(self.limits.playback_queue_ms), fmt.frame_size)
+
+    def read_budget(self, now: float, queued_bytes: int) -> int:
+        """How many bytes the shell may read from the guest right now.
+
+        Reading less than the guest sends is how dom0 throttles: the guest's
+        ring fills and it waits. Nothing here grows with what a guest sends.
+        """
+        if self.closed:
+            return 0
+        if (
+            self.conn.state is not ConnectionState.OPEN
+            or self.conn.stream(StreamKind.PLAYBACK).pending
+        ):
+            # Handshake and negotiation frames are small; PCM can't come yet.
+            return 4096
+        if self.playback_active:
+            room = self.playback_queue_limit() - queued_bytes
+            # Always room for one frame header + control frame, so that a
+            # cork or goodbye is not stuck behind a full queue.
+            return max(room, 64)
+        self._discard.refill(now)
+        return max(int(self._discard.tokens), 64)
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """The transport is up: greet the guest."""
+        return [Send(self.conn.send(Hello()))]
+
+    def receive(self, data: bytes, now: float) -> list[Action]:
+        """Bytes read from the guest."""
+        if self.closed:
+            return []
+        try:
+            events = self.conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            return self._cut_off(exc.code, f"protocol error: {exc}", exc)
+        # A frame left half-sent is a stall only if no frame completes for a
+        # while: a streaming guest often leaves a partial frame at a read boundary.
+        if not self.conn.buffered:
+            self._partial_since = None
+        elif events or self._partial_since is None:
+            self._partial_since = now
+        actions: list[Action] = []
+        for event in events:
+            if not isinstance(event, PlaybackData) and not self._control.take(1, now):
+                rate = self.limits.control_frames_per_second
+                return actions + self._cut_off(
+                    GoodbyeCode.RATE_EXCEEDED,
+                    f"more than {rate:g} control frames per second",
+                )
+            actions += self._handle(event, now)
+            if self.closed:
+                break
+        return actions
+
+    def update_policy(self, policy: Policy, now: float) -> list[Action]:
+        """A new policy snapshot took effect: re-decide both directions."""
+        if self.closed:
+            return []
+        old_playback = self._playback
+        self._policy = policy
+        self._playback = evaluate(policy, self.vm, Direction.PLAYBACK)
+        self._capture = evaluate(policy, self.vm, Direction.CAPTURE)
+        self._denial_logged.clear()
+        actions: list[Action] = []
+        if old_playback.settings.volume_max != self._playback.settings.volume_max:
+            actions.append(
+                Log(
+                    logging.INFO,
+                    f"volume cap now {self._playback.settings.volume_max.value}% "
+                    f"({self._playback.settings.volume_max.source})",
+                )
+            )
+        actions += self._reconcile_playback(now)
+        actions += self._reconcile_capture(now, requested=False)
+        return actions
+
+    def set_mic_attached(self, attached: bool, now: float) -> list[Action]:
+        """`qvaudio mic attach|detach`: grant or revoke for attach-on-request VMs."""
+        self.mic_attached = attached
+        if self.closed:
+            return []
+        return self._reconcile_capture(now, requested=False)
+
+    def host_status(
+        self, played_frames: int, playback_latency_us: int, capture_latency_us: int
+    ) -> None:
+        """What the host side reports; sent on to the guest in POSITION frames."""
+        self._host = _HostView(played_frames, playback_latency_us, capture_latency_us)
+
+    def note_underrun(self) -> None:
+        self.counters.underruns += 1
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: timeouts and position reports."""
+        if self.closed:
+            return []
+        limits = self.limits
+        if self.conn.state is ConnectionState.HANDSHAKE and now - self._started > (
+            limits.handshake_timeout
+        ):
+            return self._cut_off(
+                GoodbyeCode.TIMEOUT, f"no hello within {limits.handshake_timeout:g} s"
+            )
+        if self._partial_since is not None and now - self._partial_since > (
+            limits.partial_frame_timeout
+        ):
+            return self._cut_off(
+                GoodbyeCode.TIMEOUT,
+                f"frame left incomplete for over {limits.partial_frame_timeout:g} s",
+            )
+        if self.conn.state is not ConnectionState.OPEN:
+            return []
+        interval = (
+            limits.position_interval
+            if self.playback_active and not self.conn.corked
+            else limits.idle_position_interval
+        )
+        if now - self._last_position < interval:
+            return []
+        self._last_position = now
+        report = Position(
+            received_frames=self._received_frames(),
+            played_frames=min(self._host.played_frames, 2**64 - 1),
+            playback_latency_us=min(self._host.playback_latency_us, 2**32 - 1),
+            capture_latency_us=min(self._host.capture_latency_us, 2**32 - 1),
+        )
+        return [Send(self.conn.send(report))]
+
+    def note_backlog(self, now: float, guest_has_more: bool, host_consuming: bool) -> list[Action]:
+        """After a read: whether the guest still had data we did not take.
+
+        A legitimate guest paces itself at real time, so its backlog clears.
+        One that keeps more waiting for `flood_grace` seconds while the host
+        stream plays normally is pushing faster than real time: cut it off.
+        """
+        if self.closed or not guest_has_more or not host_consuming:
+            self._throttled_since = None
+            return []
+        if self._throttled_since is None:
+            self._throttled_since = now
+            return []
+        if now - self._throttled_since > self.limits.flood_grace:
+            return self._cut_off(
+                GoodbyeCode.RATE_EXCEEDED,
+                f"sent audio faster than real time for over {self.limits.flood_grace:g} s",
+            )
+        return []
+
+    def capture_pcm(self, pcm: bytes, room: int, now: float) -> list[Action]:
+        """Microphone audio from the host, with `room` bytes free towards the guest.
+
+        A guest that does not drain its microphone ring loses audio (never
+        dom0's memory), and is cut off if it stays stalled.
+        """
+        if self.closed or not self.capture_running:
+            return []
+        fmt = self.capture_format
+        if fmt is None:
+            return []
+        frame_overhead = 4 * (len(pcm) // MAX_PAYLOAD + 1)
+        if room < len(pcm) + frame_overhead:
+            self.counters.capture_bytes_dropped += len(pcm)
+            if self._capture_stalled_since is None:
+                self._capture_stalled_since = now
+            elif now - self._capture_stalled_since > self.limits.capture_stall_timeout:
+                return self._cut_off(
+                    GoodbyeCode.TIMEOUT,
+                    "stopped reading microphone audio for over "
+                    f"{self.limits.capture_stall_timeout:g} s",
+                )
+            return []
+        self._capture_stalled_since = None
+        step = MAX_PAYLOAD - MAX_PAYLOAD % fmt.frame_size
+        actions: list[Action] = []
+        for start in range(0, len(pcm), step):
+            chunk = pcm[start : start + step]
+            actions.append(Send(self.conn.send(CaptureData(chunk))))
+        self.counters.capture_bytes_sent += len(pcm)
+        return actions
+
+    def shutdown(self, reason: str) -> list[Action]:
+        """dom0 is stopping (or the VM went away): part politely."""
+        if self.closed:
+            return []
+        actions = self._stop_streams(reason)
+        actions.append(Send(self.conn.send(Goodbye(GoodbyeCode.SHUTDOWN, _clip(reason)))))
+        actions.append(Disconnect(GoodbyeCode.SHUTDOWN, reason))
+        self.closed = True
+        self.close_reason = reason
+        return actions
+
+    def transport_lost(self, reason: str) -> list[Action]:
+        """The transport closed under us: tidy up without sending anything."""
+        if self.closed:
+            return []
+        self.closed = True
+        self.close_reason = reason
+        return [*self._stop_streams(reason), Log(logging.INFO, f"disconnected: {reason}")]
+
+    # -- events ----------------------------------------------------------------------
+
+    def _handle(self, event: Event, now: float) -> list[Action]:
+        match event:
+            case Hello(version=version):
+                return [Log(logging.INFO, f"connected (protocol version {version})")]
+            case Goodbye(code=code, reason=reason):
+                self.closed = True
+                self.close_reason = f"guest said goodbye ({code.name.lower()}: {reason})"
+                return [
+                    *self._stop_streams(self.close_reason),
+                    Log(logging.INFO, self.close_reason),
+                    Disconnect(GoodbyeCode.NORMAL, self.close_reason),
+                ]
+            case FormatOffer(stream=StreamKind.PLAYBACK, formats=formats):
+                return self._negotiate_playback(formats, now)
+            case FormatOffer(stream=StreamKind.CAPTURE, formats=formats):
+                return self._negotiate_capture(formats, now)
+            case PlaybackData(pcm=pcm):
+                return self._play(pcm)
+            case Cork(corked=corked):
+                return [Log(logging.DEBUG, "corked" if corked else "uncorked")]
+            case CaptureRequest(start=start):
+                self.capture_wanted = start
+                return self._reconcile_capture(now, requested=True)
+        raise AssertionError(f"guest event not handled: {event!r}")  # pragma: no cover
+
+    def _negotiate_playback(self, formats: tuple[AudioFormat, ...], now: float) -> list[Action]:
+        actions: list[Action] = self._stop_playback("format renegotiated")
+        fmt, why = choose_format(formats, self._playback)
+        if fmt is None:
+            actions.append(Send(self.conn.send(FormatRefuse(StreamKind.PLAYBACK, _clip(why)))))
+            actions += self._log_denial(Direction.PLAYBACK, f"playback refused: {why}")
+            return actions
+        actions.append(Send(self.conn.send(FormatAccept(StreamKind.PLAYBACK, fmt))))
+        actions.append(Log(logging.INFO, f"playback format {fmt} ({self._playback.reason})"))
+        return actions + self._start_playback(fmt)
+
+    def _negotiate_capture(self, formats: tuple[AudioFormat, ...], now: float) -> list[Action]:
+        # The format is agreed on its own merits; whether audio may flow is
+        # decided per request, so that a later `mic attach` needs no re-offer.
+        actions: list[Action] = []
+        if self.capture_running:
+            actions += self._stop_capture_stream("capture format renegotiated")
+        as_if_allowed = dataclasses.replace(self._capture, access=Access.ALLOW)
+        fmt, why = choose_format(formats, as_if_allowed)
+        if fmt is None:
+            actions.append(Send(self.conn.send(FormatRefuse(StreamKind.CAPTURE, _clip(why)))))
+            actions.append(Log(logging.INFO, f"capture format refused: {why}"))
+            return actions
+        actions.append(Send(self.conn.send(FormatAccept(StreamKind.CAPTURE, fmt))))
+        return actions + self._reconcile_capture(now, requested=False)
+
+    def _play(self, pcm: bytes) -> list[Action]:
+        fmt = self.playback_format
+        if not self.playback_active or fmt is None:
+            self.counters.bytes_discarded += len(pcm)
+            return []
+        self.counters.bytes_received += len(pcm)
+        return [Play(apply_gain(pcm, fmt, self.gain))]
+
+    # -- reconciling state with policy ---------------------------------------------------
+
+    def _start_playback(self, fmt: AudioFormat) -> list[Action]:
+        settings = self._playback.settings
+        cap = settings.volume_max.value
+        initial = 1.0 if cap == 0 else min(1.0, settings.volume_default.value / cap)
+        self.playback_active = True
+        return [StartPlayback(fmt, initial)]
+
+    def _stop_playback(self, reason: str) -> list[Action]:
+        if not self.playback_active:
+            return []
+        self.playback_active = False
+        return [StopPlayback(reason)]
+
+    def _reconcile_playback(self, now: float) -> list[Action]:
+        fmt = self.playback_format
+        if fmt is None:
+            return []
+        allowed_fmt, why = choose_format((fmt,), self._playback)
+        if self.playback_active and allowed_fmt is None:
+            return [
+                *self._stop_playback(why),
+                Send(self.conn.send(PlaybackState(StreamStatus.DENIED, _clip(why)))),
+                *self._log_denial(Direction.PLAYBACK, f"playback stopped: {why}"),
+            ]
+        if not self.playback_active and allowed_fmt is not None:
+            return [
+                Send(self.conn.send(PlaybackState(StreamStatus.RUNNING))),
+                Log(logging.INFO, f"playback allowed again ({self._playback.reason})"),
+                *self._start_playback(fmt),
+            ]
+        return []
+
+    def _capture_allowed(self) -> tuple[bool, str]:
+        access = self._capture.access
+        if access is Access.ALLOW:
+            return True, self._capture.reason
+        if access is Access.ATTACH_ON_REQUEST:
+            if self.mic_attached:
+                return True, "microphone attached by the user"
+            return False, f"microphone not attached (run: qvaudio mic attach {self.vm.name})"
+        return False, self._capture.reason
+
+    def _reconcile_capture(self, now: float, *, requested: bool) -> list[Action]:
+        allowed, why = self._capture_allowed()
+        fmt = self.capture_format
+        name = self.vm.name
+        if self.capture_running and not (self.capture_wanted and allowed and fmt):
+            status = StreamStatus.STOPPED if not self.capture_wanted else StreamStatus.DENIED
+            reason = "the VM stopped recording" if not self.capture_wanted else why
+            return [
+                *self._stop_capture_stream(reason),
+                Send(self.conn.send(CaptureState(status, _clip(reason)))),
+                Log(logging.INFO, f"microphone capture stopped: {reason}"),
+                Notify(f"{name} stopped recording", reason),
+            ]
+        if not self.capture_running and self.capture_wanted and allowed and fmt is not None:
+            self.capture_running = True
+            return [
+                StartCapture(fmt),
+                Send(self.conn.send(CaptureState(StreamStatus.RUNNING))),
+                Log(logging.INFO, f"microphone capture started ({why})"),
+                Notify(f"{name} is recording from the microphone", why),
+            ]
+        if requested and self.capture_wanted and not self.capture_running:
+            if fmt is None:
+                why = "no capture format agreed"
+            return [
+                Send(self.conn.send(CaptureState(StreamStatus.DENIED, _clip(why)))),
+                Log(logging.WARNING, f"microphone request refused: {why}"),
+                Notify(f"{name} was refused the microphone", why),
+            ]
+        if requested and not self.capture_wanted and not self.capture_running:
+            return [Send(self.conn.send(CaptureState(StreamStatus.STOPPED)))]
+        return []
+
+    def _stop_capture_stream(self, reason: str) -> list[Action]:
+        if not self.capture_running:
+            return []
+        self.capture_running = False
+        self._capture_stalled_since = None
+        return [StopCapture(reason)]
+
+    def _stop_streams(self, reason: str) -> list[Action]:
+        return [*self._stop_playback(reason), *self._stop_capture_stream(reason)]
+
+    def _log_denial(self, direction: Direction, message: str) -> list[Action]:
+        # Logged once per policy snapshot, so that a guest re-offering in a
+        # loop cannot flood the journal.
+        if direction in self._denial_logged:
+            return []
+        self._denial_logged.add(direction)
+        return [Log(logging.WARNING, message)]
+
+    def _cut_off(
+        self, code: GoodbyeCode, reason: str, exc: ProtocolError | None = None
+    ) -> list[Action]:
+        actions: list[Action] = [
+            Log(logging.WARNING, f"cut off: {reason}"),
+            *self._stop_streams(reason),
+        ]
+        goodbye = (
+            self.conn.goodbye_for(exc)
+            if exc is not None
+            else self.conn.send(Goodbye(code, _clip(reason)))
+        )
+        actions += [Send(goodbye), Disconnect(code, reason)]
+        self.closed = True
+        self.close_reason = reason
+        return actions
+
+    def _received_frames(self) -> int:
+        fmt = self.playback_format
+        return self.counters.bytes_received // fmt.frame_size if fmt else 0
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for `qvaudio status`."""
+        pfmt, cfmt = self.playback_format, self.capture_format
+        return {
+            "state": "closed" if self.closed else self.conn.state.value,
+            "playback": {
+                "decision": str(self._playback.access),
+                "rule": self._playback.reason,
+                "active": self.playback_active,
+                "format": str(pfmt) if pfmt else None,
+                "volume_max": self._playback.settings.volume_max.value,
+                "corked": self.conn.corked,
+                "latency_us": self._host.playback_latency_us,
+            },
+            "capture": {
+                "decision": str(self._capture.access),
+                "rule": self._capture.reason,
+                "mic_attached": self.mic_attached,
+                "requested": self.capture_wanted,
+                "running": self.capture_running,
+                "format": str(cfmt) if cfmt else None,
+                "latency_us": self._host.capture_latency_us,
+            },
+            "counters": dataclasses.asdict(self.counters),
+            "close_reason": self.close_reason or None,
+        }
+
+
+def _clip(reason: str) -> str:
+    """A reason as the protocol carries it: printable, at most 200 bytes."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in reason)
+    return text.encode("utf-8")[:200].decode("utf-8", "ignore")
+
+
+__all__ = [
+    "Action",
+    "Disconnect",
+    "Limits",
+    "Log",
+    "Notify",
+    "Play",
+    "Send",
+    "StartCapture",
+    "StartPlayback",
+    "StopCapture",
+    "StopPlayback",
+    "VmSession",
+]

@@ -1,0 +1,363 @@
+"""dom0's per-VM enforcement, driven byte by byte with no I/O."""
+
+from __future__ import annotations
+
+import array
+import logging
+
+import pytest
+
+from qvaudio.connection import Connection
+from qvaudio.dom0_session import (
+    Action,
+    Disconnect,
+    Limits,
+    Log,
+    Notify,
+    Play,
+    Send,
+    StartCapture,
+    StartPlayback,
+    StopCapture,
+    StopPlayback,
+    VmSession,
+)
+from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.gain import peak
+from qvaudio.policy import Policy, VmIdentity
+from qvaudio.policy_loader import parse_policy_text
+from qvaudio.protocol import (
+    CaptureData,
+    CaptureRequest,
+    CaptureState,
+    Cork,
+    Event,
+    FormatAccept,
+    FormatOffer,
+    FormatRefuse,
+    Goodbye,
+    GoodbyeCode,
+    Hello,
+    PlaybackData,
+    PlaybackState,
+    Position,
+    Role,
+    StreamKind,
+    StreamStatus,
+    encode,
+)
+
+S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
+F32 = AudioFormat(48000, SampleFormat.F32LE, 2)
+WORK = VmIdentity("work")
+
+
+def policy(text: str) -> Policy:
+    return Policy(parse_policy_text(text.encode(), "test.yaml"), ("test.yaml",))
+
+
+ALLOW_ALL = policy("rules:\n- vm: '*'\n  playback: allow\n  capture: allow\n")
+CAPPED = policy("rules:\n- vm: work\n  playback: allow\n  volume: {default: 20, max: 50}\n")
+DENY_ALL = policy("rules:\n- vm: '*'\n  playback: deny\n  capture: deny\n")
+ON_REQUEST = policy("rules:\n- vm: work\n  playback: allow\n  capture: attach-on-request\n")
+S16_ONLY = policy(
+    "rules:\n- vm: '*'\n  playback: allow\n  formats: {sample_formats: [s16le], max_channels: 2}\n"
+)
+
+
+class Harness:
+    """A VmSession wired to a real guest-side Connection."""
+
+    def __init__(self, pol: Policy, *, vm: VmIdentity = WORK, **kwargs: object) -> None:
+        self.now = 100.0
+        self.session = VmSession(vm, pol, self.now, **kwargs)  # type: ignore[arg-type]
+        self.guest = Connection(Role.GUEST)
+        self.actions: list[Action] = []
+        self.received: list[Event] = []
+        self.run(self.session.start(self.now))
+
+    def run(self, actions: list[Action]) -> list[Action]:
+        self.actions += actions
+        for action in actions:
+            if isinstance(action, Send):
+                self.received += self.guest.receive_data(action.data)
+        return actions
+
+    def send(self, *events: Event) -> list[Action]:
+        return self.run(
+            self.session.receive(b"".join(self.guest.send(e) for e in events), self.now)
+        )
+
+    def raw(self, data: bytes) -> list[Action]:
+        return self.run(self.session.receive(data, self.now))
+
+    def handshake(self) -> None:
+        self.send(Hello())
+
+    def negotiate(self, playback: AudioFormat = S16, capture: AudioFormat | None = S16) -> None:
+        self.handshake()
+        self.send(FormatOffer(StreamKind.PLAYBACK, (playback,)))
+        if capture is not None:
+            self.send(FormatOffer(StreamKind.CAPTURE, (capture,)))
+
+    def of(self, kind: type) -> list[object]:
+        return [a for a in self.actions if isinstance(a, kind)]
+
+
+def tone(fmt: AudioFormat, amplitude: int = 20000, frames: int = 480) -> bytes:
+    return array.array("h", [amplitude, -amplitude] * frames * (fmt.channels // 2)).tobytes()
+
+
+def test_allowed_playback_reaches_the_host_stream() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate()
+    assert FormatAccept(StreamKind.PLAYBACK, S16) in h.received
+    assert h.of(StartPlayback) == [StartPlayback(S16, 1.0)]
+    pcm = tone(S16)
+    played = h.send(PlaybackData(pcm))
+    assert played == [Play(pcm)]
+    assert h.session.counters.bytes_received == len(pcm)
+
+
+def test_volume_cap_is_applied_to_the_samples() -> None:
+    h = Harness(CAPPED)
+    h.negotiate(capture=None)
+    (start,) = h.of(StartPlayback)
+    assert start == StartPlayback(S16, pytest.approx(0.4))  # default 20% of a 50% cap
+    (play,) = h.send(PlaybackData(tone(S16, amplitude=32767)))
+    assert isinstance(play, Play)
+    assert peak(play.pcm, S16) == pytest.approx(0.5, abs=0.001)
+
+
+def test_float_pcm_is_sanitised_even_uncapped() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(playback=F32, capture=None)
+    hostile = array.array("f", [float("nan"), float("inf"), -1e30, 0.25]).tobytes()
+    (play,) = h.send(PlaybackData(hostile))
+    assert isinstance(play, Play)
+    assert list(array.array("f", play.pcm)) == [0.0, 1.0, -1.0, 0.25]
+
+
+def test_denied_playback_is_refused_and_never_played() -> None:
+    h = Harness(DENY_ALL)
+    h.negotiate(capture=None)
+    refusal = [e for e in h.received if isinstance(e, FormatRefuse)]
+    assert refusal and "playback deny by test.yaml:2" in refusal[0].reason
+    assert h.of(StartPlayback) == [] and h.of(Play) == []
+    warnings = [a for a in h.of(Log) if isinstance(a, Log) and a.level == logging.WARNING]
+    assert len(warnings) == 1
+    # Re-offering in a loop does not flood the log.
+    for _ in range(5):
+        h.send(FormatOffer(StreamKind.PLAYBACK, (S16,)))
+    assert len([a for a in h.of(Log) if isinstance(a, Log) and a.level == logging.WARNING]) == 1
+
+
+def test_format_outside_policy_is_refused_with_reason() -> None:
+    h = Harness(S16_ONLY)
+    h.handshake()
+    h.send(FormatOffer(StreamKind.PLAYBACK, (F32, AudioFormat(48000, SampleFormat.S16LE, 6))))
+    (refusal,) = [e for e in h.received if isinstance(e, FormatRefuse)]
+    assert "sample format f32le not allowed" in refusal.reason
+    assert "channels" in refusal.reason
+
+
+def test_live_policy_change_stops_and_resumes_playback() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    in_flight = h.guest.send(PlaybackData(tone(S16)))
+    h.run(h.session.update_policy(DENY_ALL, h.now))
+    assert h.of(StopPlayback)
+    assert PlaybackState(StreamStatus.DENIED, "playback deny by test.yaml:2") in h.received
+    # Audio already in flight is read and discarded, not played.
+    assert h.raw(in_flight) == []
+    assert h.session.counters.bytes_discarded == len(tone(S16))
+    h.run(h.session.update_policy(ALLOW_ALL, h.now))
+    assert PlaybackState(StreamStatus.RUNNING) in h.received
+    assert len(h.of(StartPlayback)) == 2
+
+
+def test_capture_allowed_runs_and_stops_on_request() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate()
+    h.send(CaptureRequest(True))
+    assert h.of(StartCapture) == [StartCapture(S16)]
+    assert CaptureState(StreamStatus.RUNNING) in h.received
+    assert any(isinstance(a, Notify) and "is recording" in a.summary for a in h.actions)
+    mic = tone(S16)
+    h.run(h.session.capture_pcm(mic, room=1 << 20, now=h.now))
+    assert CaptureData(mic) in h.received
+    h.send(CaptureRequest(False))
+    assert h.of(StopCapture)
+    assert h.received[-1] == CaptureState(StreamStatus.STOPPED, "the VM stopped recording")
+
+
+def test_capture_denied_is_refused_logged_and_notified() -> None:
+    h = Harness(DENY_ALL)
+    h.negotiate()
+    h.send(CaptureRequest(True))
+    assert h.of(StartCapture) == []
+    assert isinstance(h.received[-1], CaptureState)
+    assert h.received[-1].status is StreamStatus.DENIED
+    assert any(isinstance(a, Notify) and "refused" in a.summary for a in h.actions)
+    assert h.run(h.session.capture_pcm(tone(S16), room=1 << 20, now=h.now)) == []
+
+
+def test_attach_on_request_waits_for_the_user_and_detach_revokes() -> None:
+    h = Harness(ON_REQUEST)
+    h.negotiate()
+    h.send(CaptureRequest(True))
+    assert h.received[-1] == CaptureState(
+        StreamStatus.DENIED, "microphone not attached (run: qvaudio mic attach work)"
+    )
+    h.run(h.session.set_mic_attached(True, h.now))
+    assert h.of(StartCapture) == [StartCapture(S16)]
+    assert h.received[-1] == CaptureState(StreamStatus.RUNNING)
+    h.run(h.session.set_mic_attached(False, h.now))
+    assert h.of(StopCapture)
+    assert h.received[-1].status is StreamStatus.DENIED  # type: ignore[attr-defined]
+    # No later sample reaches the guest.
+    assert h.run(h.session.capture_pcm(tone(S16), room=1 << 20, now=h.now)) == []
+
+
+def test_policy_revocation_stops_capture_at_once() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate()
+    h.send(CaptureRequest(True))
+    h.run(h.session.update_policy(DENY_ALL, h.now))
+    assert h.of(StopCapture)
+    assert h.received[-1].status is StreamStatus.DENIED  # type: ignore[attr-defined]
+    assert h.run(h.session.capture_pcm(tone(S16), room=1 << 20, now=h.now)) == []
+
+
+def assert_cut_off(h: Harness, code: GoodbyeCode, fragment: str) -> None:
+    (disconnect,) = h.of(Disconnect)
+    assert isinstance(disconnect, Disconnect)
+    assert disconnect.code is code and fragment in disconnect.reason
+    goodbye = h.received[-1]
+    assert isinstance(goodbye, Goodbye) and goodbye.code is code
+    assert h.session.closed
+    assert h.run(h.session.receive(b"anything", h.now)) == []
+
+
+@pytest.mark.parametrize(
+    ("garbage", "fragment"),
+    [
+        (b"\x7f\x00\x00\x00", "unknown frame type"),
+        (encode(Hello()) + encode(PlaybackData(b"\0\0\0\0")), "before a format"),
+        (encode(Hello()) + b"\x20\x00\xff\xff", "exceeds"),
+        (encode(Cork(True)), "before hello"),
+    ],
+)
+def test_protocol_violations_cut_the_guest_off(garbage: bytes, fragment: str) -> None:
+    h = Harness(ALLOW_ALL)
+    h.raw(garbage)
+    assert_cut_off(h, GoodbyeCode.PROTOCOL_ERROR, fragment)
+
+
+def test_silent_guest_is_cut_off_after_the_handshake_timeout() -> None:
+    h = Harness(ALLOW_ALL)
+    assert h.run(h.session.tick(h.now + 4.9)) == []
+    h.run(h.session.tick(h.now + 5.1))
+    assert_cut_off(h, GoodbyeCode.TIMEOUT, "no hello")
+
+
+def test_dribbling_guest_is_cut_off() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate()
+    h.raw(encode(PlaybackData(tone(S16)))[:10])
+    h.run(h.session.tick(h.now + 6))
+    assert_cut_off(h, GoodbyeCode.TIMEOUT, "incomplete")
+
+
+def test_partial_frames_at_read_boundaries_are_not_a_stall() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    wire = b"".join(encode(PlaybackData(tone(S16))) for _ in range(40))
+    for i in range(0, len(wire), 1000):  # every read ends mid-frame
+        h.now += 0.5
+        h.raw(wire[i : i + 1000])
+        h.run(h.session.tick(h.now))
+    assert not h.session.closed
+
+
+def test_control_frame_flood_is_cut_off() -> None:
+    h = Harness(ALLOW_ALL)
+    h.handshake()
+    h.raw(encode(Cork(True)) * 500)
+    assert_cut_off(h, GoodbyeCode.RATE_EXCEEDED, "control frames per second")
+
+
+def test_audio_faster_than_real_time_is_throttled_then_cut_off() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    assert h.session.read_budget(h.now, queued_bytes=0) == S16.bytes_for_ms(120)
+    assert h.session.read_budget(h.now, queued_bytes=S16.bytes_for_ms(120)) == 64
+    for step in range(29):  # 2.8 s of backlog: still within the grace period
+        h.run(h.session.note_backlog(h.now + step * 0.1, guest_has_more=True, host_consuming=True))
+    assert not h.session.closed
+    h.run(h.session.note_backlog(h.now + 3.1, guest_has_more=True, host_consuming=True))
+    assert_cut_off(h, GoodbyeCode.RATE_EXCEEDED, "faster than real time")
+
+
+def test_backlog_while_the_host_is_stalled_is_not_the_guests_fault() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    for step in range(100):
+        h.run(h.session.note_backlog(h.now + step, guest_has_more=True, host_consuming=False))
+    assert not h.session.closed
+
+
+def test_guest_not_reading_the_microphone_loses_audio_then_is_cut_off() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate()
+    h.send(CaptureRequest(True))
+    assert h.run(h.session.capture_pcm(tone(S16), room=0, now=h.now)) == []
+    assert h.session.counters.capture_bytes_dropped == len(tone(S16))
+    h.run(h.session.capture_pcm(tone(S16), room=0, now=h.now + 6))
+    assert_cut_off(h, GoodbyeCode.TIMEOUT, "microphone")
+
+
+def test_position_reports_follow_the_host() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    h.send(PlaybackData(tone(S16)))
+    h.session.host_status(played_frames=240, playback_latency_us=15000, capture_latency_us=0)
+    h.run(h.session.tick(h.now + 0.3))
+    assert h.received[-1] == Position(480, 240, 15000, 0)
+    assert h.run(h.session.tick(h.now + 0.4)) == []  # not yet due again
+
+
+def test_guest_goodbye_closes_without_reply() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate()
+    sent_before = len(h.of(Send))
+    h.send(Goodbye(GoodbyeCode.SHUTDOWN, "vm shutting down"))
+    assert h.of(StopPlayback) and h.of(Disconnect)
+    assert len(h.of(Send)) == sent_before
+    assert h.session.closed
+
+
+def test_identity_comes_from_the_shell_only() -> None:
+    # There is no protocol field for a VM name: a guest "claiming" another VM
+    # can only put the name in free text, which changes no decision.
+    h = Harness(CAPPED, vm=VmIdentity("untrusted"))
+    h.handshake()
+    h.send(Goodbye(GoodbyeCode.NORMAL, "I am work"))
+    h2 = Harness(CAPPED, vm=VmIdentity("untrusted"))
+    h2.negotiate(capture=None)
+    assert any(isinstance(e, FormatRefuse) for e in h2.received)
+    assert h2.session.status()["playback"] == {
+        "decision": "deny",
+        "rule": "playback deny: no rule for 'untrusted' sets it",
+        "active": False,
+        "format": None,
+        "volume_max": 100,
+        "corked": False,
+        "latency_us": 0,
+    }
+
+
+def test_limits_are_configurable() -> None:
+    h = Harness(ALLOW_ALL, limits=Limits(handshake_timeout=1.0))
+    h.run(h.session.tick(h.now + 1.5))
+    assert_cut_off(h, GoodbyeCode.TIMEOUT, "no hello within 1 s")
