@@ -258,8 +258,8 @@ def resolve(policy: Policy, vm: VmIdentity) -> VmSettings:
     volume_max = _first(rules, lambda r: r.volume_max, 100)
     volume_default = _first(rules, lambda r: r.volume_default, 100)
     if volume_default.value > volume_max.value:
-        # The two can come from different rules; the cap is the one that protects.
-        volume_default = Resolved(volume_max.value, volume_default.origin)
+        # The two can come from different rules; the cap protects, so it decides.
+        volume_default = volume_max
     return VmSettings(
         vm=vm,
         playback=_first(rules, lambda r: r.playback, Access.DENY),

@@ -122,6 +122,10 @@ class _NodeLoader(yaml.SafeLoader):
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
             raise _Refused(line, f"anchors (&{anchor}) are not allowed")
+        tag = getattr(event, "tag", None)
+        if tag is not None:
+            # Tags are how YAML asks for arbitrary objects; plain data never needs them.
+            raise _Refused(line, f"YAML tags ({tag}) are not allowed")
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -156,17 +160,19 @@ def _compose(data: bytes) -> yaml.Node | None:
         line = data[: exc.start].count(b"\n") + 1
         raise _Refused(line, "not valid UTF-8") from None
     text = text.removeprefix("\ufeff")
-    loader = _NodeLoader(text)
     try:
-        return loader.get_single_node()
+        # The reader checks for unprintable characters already in the constructor.
+        loader = _NodeLoader(text)
+        try:
+            return loader.get_single_node()
+        finally:
+            loader.dispose()
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
         char = exc.character if isinstance(exc.character, int) else ord(exc.character)
         raise _Refused(line, f"character U+{char:04X} is not allowed in YAML") from None
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(exc) from None
-    finally:
-        loader.dispose()
 
 
 def _syntax_error(exc: yaml.MarkedYAMLError) -> _Refused:
