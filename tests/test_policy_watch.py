@@ -1,0 +1,163 @@
+"""Live reload: changes are picked up, bad edits keep the last good policy, start fails closed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
+from qvaudio.policy_watch import PolicyWatcher
+
+WORK = VmIdentity("work")
+ALLOW = "rules:\n  - vm: '*'\n    playback: allow\n"
+DENY = "rules:\n  - vm: '*'\n    playback: deny\n"
+
+
+def playback(policy: Policy) -> Access:
+    return evaluate(policy, WORK, Direction.PLAYBACK).access
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll until `condition` holds; the deadline only bounds a failing test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def write(path: Path, text: str) -> None:
+    """Replace like an editor that saves via rename."""
+    tmp = path.with_name(f".{path.name}.new")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "policy.d"
+    directory.mkdir(mode=0o755)
+    return directory
+
+
+@pytest.fixture
+def watcher(policy_dir: Path) -> Iterator[PolicyWatcher]:
+    w = PolicyWatcher(policy_dir, interval=0.05)
+    yield w
+    w.stop()
+
+
+def test_loads_on_start(policy_dir: Path, watcher: PolicyWatcher) -> None:
+    write(policy_dir / "90-default.yaml", ALLOW)
+    watcher.start()
+    assert watcher.ever_loaded
+    assert playback(watcher.policy) is Access.ALLOW
+
+
+def test_edit_is_picked_up_without_restart(policy_dir: Path, watcher: PolicyWatcher) -> None:
+    path = policy_dir / "90-default.yaml"
+    write(path, ALLOW)
+    watcher.start()
+    write(path, DENY)
+    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+
+
+def test_in_place_edit_and_new_file_are_picked_up(policy_dir: Path, watcher: PolicyWatcher) -> None:
+    path = policy_dir / "90-default.yaml"
+    write(path, ALLOW)
+    watcher.start()
+    with open(path, "w") as handle:  # same inode, same size: only mtime differs
+        handle.write(ALLOW.replace("allow", "deny "))
+    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+    write(policy_dir / "30-work.yaml", "rules:\n  - vm: work\n    playback: allow\n")
+    assert wait_for(lambda: playback(watcher.policy) is Access.ALLOW)
+    (policy_dir / "30-work.yaml").unlink()
+    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+
+
+def test_invalid_edit_keeps_last_good_and_logs_file_line(
+    policy_dir: Path, watcher: PolicyWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = policy_dir / "90-default.yaml"
+    write(path, ALLOW)
+    watcher.start()
+    good = watcher.policy
+    caplog.set_level(logging.ERROR, logger="qvaudio.policy_watch")
+    write(path, "rules:\n  - vm: '*'\n    playback: maybe\n")
+    expected = f"{path}:3: playback must be one of allow, deny, got 'maybe'"
+    assert wait_for(lambda: expected in caplog.messages)
+    assert watcher.policy is good
+    assert [str(p) for p in watcher.problems] == [expected]
+    assert any("keeping the last good policy" in m for m in caplog.messages)
+    # Fixing the file installs the fix.
+    write(path, DENY)
+    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+    assert watcher.problems == ()
+
+
+def test_unsafe_permissions_keep_last_good(policy_dir: Path, watcher: PolicyWatcher) -> None:
+    path = policy_dir / "90-default.yaml"
+    write(path, ALLOW)
+    watcher.start()
+    good = watcher.policy
+    path.chmod(0o666)
+    assert wait_for(lambda: bool(watcher.problems))
+    assert "writable by group or others" in str(watcher.problems[0])
+    assert watcher.policy is good
+
+
+def test_never_valid_denies_everything(
+    policy_dir: Path, watcher: PolicyWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="qvaudio.policy_watch")
+    write(policy_dir / "90-default.yaml", "rules:\n  - vm: '*'\n    playback: [allow]\n")
+    watcher.start()
+    assert not watcher.ever_loaded
+    assert watcher.policy == Policy.deny_all()
+    assert playback(watcher.policy) is Access.DENY
+    assert any("denying all audio" in m for m in caplog.messages)
+    # ... until a valid file appears.
+    write(policy_dir / "90-default.yaml", ALLOW)
+    assert wait_for(lambda: playback(watcher.policy) is Access.ALLOW)
+
+
+def test_missing_directory_denies_then_loads_when_created(tmp_path: Path) -> None:
+    directory = tmp_path / "later"
+    watcher = PolicyWatcher(directory, interval=0.05)
+    try:
+        watcher.start()
+        assert playback(watcher.policy) is Access.DENY
+        assert "cannot read" in str(watcher.problems[0])
+        directory.mkdir(mode=0o755)
+        write(directory / "90-default.yaml", ALLOW)
+        assert wait_for(lambda: playback(watcher.policy) is Access.ALLOW)
+    finally:
+        watcher.stop()
+
+
+def test_check_now_reloads_only_on_change(policy_dir: Path) -> None:
+    loads: list[Policy] = []
+    write(policy_dir / "90-default.yaml", ALLOW)
+    watcher = PolicyWatcher(policy_dir, on_change=loads.append)
+    assert watcher.check_now() is True
+    assert watcher.check_now() is False
+    assert len(loads) == 1
+    write(policy_dir / "90-default.yaml", DENY)
+    assert watcher.check_now() is True
+    assert [playback(p) for p in loads] == [Access.ALLOW, Access.DENY]
+
+
+def test_context_manager_stops_the_thread(policy_dir: Path) -> None:
+    write(policy_dir / "90-default.yaml", ALLOW)
+    with PolicyWatcher(policy_dir, interval=0.05) as watcher:
+        assert playback(watcher.policy) is Access.ALLOW
+        thread = watcher._thread
+        assert thread is not None and thread.is_alive()
+    assert not thread.is_alive()
