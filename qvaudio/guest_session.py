@@ -1,0 +1,306 @@
+"""The guest agent's logic for one connection to dom0. No I/O, no clock.
+
+`GuestSession` is driven by bytes from dom0, PCM recorded from the virtual
+sink's monitor, the number of applications recording from the virtual
+microphone, and time. It answers with actions for the guest agent's shell:
+bytes to send, microphone PCM to feed to the virtual source, log lines, one
+desktop notice when the microphone is refused, the true end-to-end latency.
+
+Idle handling: after `idle_timeout` seconds of digital silence (or when the
+shell says nothing plays), the stream is corked and nothing is sent; the
+first non-silent period uncorks it, so sound resumes within one period.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from qvaudio.connection import Connection, ConnectionState
+from qvaudio.formats import AudioFormat
+from qvaudio.protocol import (
+    MAX_PAYLOAD,
+    CaptureData,
+    CaptureRequest,
+    CaptureState,
+    Cork,
+    Event,
+    FormatAccept,
+    FormatOffer,
+    FormatRefuse,
+    Goodbye,
+    GoodbyeCode,
+    Hello,
+    PlaybackData,
+    PlaybackState,
+    Position,
+    RemoteProtocolError,
+    Role,
+    StreamKind,
+    StreamStatus,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StartMonitor:
+    """Record the virtual sink's monitor in this format (dom0 accepted it)."""
+
+    format: AudioFormat
+
+
+@dataclass(frozen=True, slots=True)
+class StopMonitor:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MicAudio:
+    """Microphone PCM from dom0 for the virtual source."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MicFormat:
+    """The virtual microphone's PCM is in this format from now on."""
+
+    format: AudioFormat
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    summary: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    reason: str
+
+
+Action = Send | StartMonitor | StopMonitor | MicAudio | MicFormat | Log | Notify | Disconnect
+
+
+@dataclass(frozen=True, slots=True)
+class GuestConfig:
+    playback_formats: tuple[AudioFormat, ...]
+    capture_formats: tuple[AudioFormat, ...]
+    #: Silence for this long corks the stream.
+    idle_timeout: float = 2.0
+    #: dom0 reports position at least once a second; this long without a
+    #: frame from dom0 means the transport is dead (suspend, migration).
+    peer_timeout: float = 5.0
+
+
+class GuestSession:
+    """Everything the guest agent decides about its connection to dom0."""
+
+    def __init__(self, config: GuestConfig, now: float) -> None:
+        self.config = config
+        self.conn = Connection(Role.GUEST)
+        self.closed = False
+        self.close_reason = ""
+        self.mic_users = 0
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.last_position: Position | None = None
+        self._last_heard = now
+        self._last_sound = now
+        self._mic_refusal_told = False
+
+    # -- queries -----------------------------------------------------------------------
+
+    @property
+    def playback_format(self) -> AudioFormat | None:
+        return self.conn.format(StreamKind.PLAYBACK)
+
+    @property
+    def streaming(self) -> bool:
+        """PCM from the monitor goes to dom0 now."""
+        return (
+            not self.closed
+            and self.playback_format is not None
+            and self.conn.playback_status is StreamStatus.RUNNING
+            and not self.conn.corked
+        )
+
+    def latency_us(self, local_us: int) -> int | None:
+        """End-to-end playback latency: our buffering, in flight, and dom0's.
+
+        `local_us` is the guest-side part (the monitor's record latency plus
+        anything queued for the transport); None until dom0 has reported.
+        """
+        fmt, position = self.playback_format, self.last_position
+        if fmt is None or position is None:
+            return None
+        in_flight = max(0, self.frames_sent - position.received_frames)
+        return local_us + in_flight * 1_000_000 // fmt.rate + position.playback_latency_us
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        self._last_heard = now
+        actions: list[Action] = [Send(self.conn.send(Hello()))]
+        actions.append(
+            Send(self.conn.send(FormatOffer(StreamKind.PLAYBACK, self.config.playback_formats)))
+        )
+        if self.config.capture_formats:
+            actions.append(
+                Send(self.conn.send(FormatOffer(StreamKind.CAPTURE, self.config.capture_formats)))
+            )
+        return actions
+
+    def receive(self, data: bytes, now: float) -> list[Action]:
+        if self.closed:
+            return []
+        self._last_heard = now
+        try:
+            events = self.conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            return self._close(
+                f"dom0 broke the protocol: {exc}", goodbye=self.conn.goodbye_for(exc)
+            )
+        actions: list[Action] = []
+        for event in events:
+            actions += self._handle(event)
+        return actions
+
+    def audio(self, pcm: bytes, now: float) -> list[Action]:
+        """PCM recorded from the virtual sink's monitor."""
+        fmt = self.playback_format
+        if self.closed or fmt is None or self.conn.playback_status is not StreamStatus.RUNNING:
+            return []
+        # bytes.count is C-speed; digital silence from a null sink is all zeros.
+        silent = pcm.count(0) == len(pcm)
+        actions: list[Action] = []
+        if not silent:
+            self._last_sound = now
+            if self.conn.corked:
+                actions += [Send(self.conn.send(Cork(False))), Log(logging.DEBUG, "uncorked")]
+        elif not self.conn.corked and now - self._last_sound >= self.config.idle_timeout:
+            return [Send(self.conn.send(Cork(True))), Log(logging.DEBUG, "idle: corked")]
+        if self.conn.corked:
+            return actions
+        step = MAX_PAYLOAD - MAX_PAYLOAD % fmt.frame_size
+        for start in range(0, len(pcm), step):
+            actions.append(Send(self.conn.send(PlaybackData(pcm[start : start + step]))))
+        self.bytes_sent += len(pcm)
+        self.frames_sent += len(pcm) // fmt.frame_size
+        return actions
+
+    def nothing_playing(self, now: float) -> list[Action]:
+        """The shell saw the sink go idle (no application plays): cork at once."""
+        if self.closed or self.conn.corked or self.conn.state is not ConnectionState.OPEN:
+            return []
+        return [Send(self.conn.send(Cork(True))), Log(logging.DEBUG, "sink idle: corked")]
+
+    def set_mic_users(self, count: int, now: float) -> list[Action]:
+        """How many applications record from the virtual microphone now."""
+        before, self.mic_users = self.mic_users, count
+        if self.closed or self.conn.state is not ConnectionState.OPEN:
+            return []
+        if before == 0 and count > 0:
+            return [
+                Send(self.conn.send(CaptureRequest(True))),
+                Log(logging.INFO, "an application opened the microphone: asking dom0"),
+            ]
+        if before > 0 and count == 0:
+            return [
+                Send(self.conn.send(CaptureRequest(False))),
+                Log(logging.INFO, "microphone closed by the last application"),
+            ]
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        if self.closed:
+            return []
+        if now - self._last_heard > self.config.peer_timeout:
+            return self._close(
+                f"nothing heard from dom0 for {self.config.peer_timeout:g} s", goodbye=None
+            )
+        return []
+
+    def shutdown(self, reason: str) -> list[Action]:
+        if self.closed:
+            return []
+        text = "".join(ch if ch.isprintable() else "?" for ch in reason)[:200]
+        return self._close(reason, goodbye=self.conn.send(Goodbye(GoodbyeCode.SHUTDOWN, text)))
+
+    # -- events from dom0 --------------------------------------------------------------------
+
+    def _handle(self, event: Event) -> list[Action]:
+        match event:
+            case Hello(version=version):
+                actions: list[Action] = [Log(logging.INFO, f"dom0 speaks protocol {version}")]
+                if self.mic_users:
+                    # Applications were already recording when we (re)connected.
+                    actions.append(Send(self.conn.send(CaptureRequest(True))))
+                return actions
+            case FormatAccept(stream=StreamKind.PLAYBACK, format=fmt):
+                return [Log(logging.INFO, f"playback format {fmt}"), StartMonitor(fmt)]
+            case FormatAccept(stream=StreamKind.CAPTURE, format=fmt):
+                return [Log(logging.INFO, f"microphone format {fmt}"), MicFormat(fmt)]
+            case FormatRefuse(stream=StreamKind.PLAYBACK, reason=reason):
+                return [
+                    Log(logging.WARNING, f"dom0 refused playback: {reason}"),
+                    StopMonitor(reason),
+                    Notify("Sound from this VM is not allowed", reason),
+                ]
+            case FormatRefuse(stream=StreamKind.CAPTURE, reason=reason):
+                return [Log(logging.WARNING, f"dom0 refused the microphone format: {reason}")]
+            case PlaybackState(status=status, reason=reason):
+                if status is StreamStatus.RUNNING:
+                    current = self.playback_format
+                    assert current is not None  # the connection checked it
+                    return [Log(logging.INFO, "dom0 allows playback again"), StartMonitor(current)]
+                return [
+                    Log(logging.WARNING, f"dom0 stopped playback: {reason}"),
+                    StopMonitor(reason),
+                    Notify("Sound from this VM was stopped", reason),
+                ]
+            case CaptureState(status=status, reason=reason):
+                return self._capture_state(status, reason)
+            case CaptureData(pcm=pcm):
+                return [MicAudio(pcm)]
+            case Position():
+                self.last_position = event
+                return []
+            case Goodbye(code=code, reason=reason):
+                return self._close(f"dom0 said goodbye ({code.name.lower()}: {reason})", None)
+        return [Log(logging.DEBUG, f"ignored {type(event).__name__}")]
+
+    def _capture_state(self, status: StreamStatus, reason: str) -> list[Action]:
+        if status is StreamStatus.RUNNING:
+            self._mic_refusal_told = False
+            return [Log(logging.INFO, "microphone audio flows from dom0")]
+        if status is StreamStatus.STOPPED:
+            return [Log(logging.INFO, f"microphone stopped{': ' + reason if reason else ''}")]
+        # Applications keep reading silence; the user is told once, not on
+        # every retry, until the microphone has worked again.
+        if self._mic_refusal_told:
+            return [Log(logging.DEBUG, f"microphone still refused: {reason}")]
+        self._mic_refusal_told = True
+        return [
+            Log(logging.WARNING, f"the microphone is not allowed for this VM: {reason}"),
+            Notify("Microphone not allowed for this VM", reason),
+        ]
+
+    def _close(self, reason: str, goodbye: bytes | None) -> list[Action]:
+        self.closed = True
+        self.close_reason = reason
+        actions: list[Action] = [Log(logging.WARNING, reason)]
+        if goodbye is not None:
+            actions.append(Send(goodbye))
+        actions.append(Disconnect(reason))
+        return actions

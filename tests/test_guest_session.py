@@ -1,0 +1,186 @@
+"""The guest agent's decisions, driven byte by byte against a real dom0 Connection."""
+
+from __future__ import annotations
+
+import array
+
+from qvaudio.connection import Connection
+from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.guest_session import (
+    Action,
+    Disconnect,
+    GuestConfig,
+    GuestSession,
+    MicAudio,
+    MicFormat,
+    Notify,
+    Send,
+    StartMonitor,
+    StopMonitor,
+)
+from qvaudio.protocol import (
+    CaptureData,
+    CaptureRequest,
+    CaptureState,
+    Cork,
+    Event,
+    FormatAccept,
+    FormatOffer,
+    FormatRefuse,
+    Goodbye,
+    GoodbyeCode,
+    Hello,
+    PlaybackData,
+    PlaybackState,
+    Position,
+    Role,
+    StreamKind,
+    StreamStatus,
+)
+
+S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
+CONFIG = GuestConfig(playback_formats=(S16,), capture_formats=(S16,), idle_timeout=2.0)
+SOUND = array.array("h", [1000, -1000] * 480).tobytes()
+SILENCE = bytes(len(SOUND))
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.now = 10.0
+        self.session = GuestSession(CONFIG, self.now)
+        self.dom0 = Connection(Role.DOM0)
+        self.to_dom0: list[Event] = []
+        self.actions: list[Action] = []
+        self.run(self.session.start(self.now))
+
+    def run(self, actions: list[Action]) -> list[Action]:
+        self.actions += actions
+        for action in actions:
+            if isinstance(action, Send):
+                self.to_dom0 += self.dom0.receive_data(action.data)
+        return actions
+
+    def from_dom0(self, *events: Event) -> list[Action]:
+        return self.run(self.session.receive(b"".join(self.dom0.send(e) for e in events), self.now))
+
+    def accept_all(self) -> None:
+        self.from_dom0(
+            Hello(),
+            FormatAccept(StreamKind.PLAYBACK, S16),
+            FormatAccept(StreamKind.CAPTURE, S16),
+        )
+
+
+def test_start_offers_both_streams() -> None:
+    h = Harness()
+    assert h.to_dom0 == [
+        Hello(),
+        FormatOffer(StreamKind.PLAYBACK, (S16,)),
+        FormatOffer(StreamKind.CAPTURE, (S16,)),
+    ]
+    h.accept_all()
+    assert StartMonitor(S16) in h.actions and MicFormat(S16) in h.actions
+
+
+def test_sound_streams_and_silence_corks_then_sound_uncorks_at_once() -> None:
+    h = Harness()
+    h.accept_all()
+    h.run(h.session.audio(SOUND, h.now))
+    assert h.to_dom0[-1] == PlaybackData(SOUND)
+    h.run(h.session.audio(SILENCE, h.now + 1.0))
+    assert h.to_dom0[-1] == PlaybackData(SILENCE)  # short silence still flows
+    h.run(h.session.audio(SILENCE, h.now + 2.5))
+    assert h.to_dom0[-1] == Cork(True)
+    sent = len(h.to_dom0)
+    for i in range(10):
+        h.run(h.session.audio(SILENCE, h.now + 3 + i))
+    assert len(h.to_dom0) == sent, "nothing is sent while idle"
+    h.run(h.session.audio(SOUND, h.now + 20))
+    assert h.to_dom0[-2:] == [Cork(False), PlaybackData(SOUND)]
+
+
+def test_sink_idle_corks_immediately() -> None:
+    h = Harness()
+    h.accept_all()
+    h.run(h.session.nothing_playing(h.now))
+    assert h.to_dom0[-1] == Cork(True)
+    assert h.run(h.session.nothing_playing(h.now)) == []
+
+
+def test_microphone_users_drive_capture_requests_and_refusal_is_told_once() -> None:
+    h = Harness()
+    h.accept_all()
+    h.run(h.session.set_mic_users(1, h.now))
+    assert h.to_dom0[-1] == CaptureRequest(True)
+    h.run(h.session.set_mic_users(2, h.now))
+    assert h.to_dom0[-1] == CaptureRequest(True), "a second recorder asks nothing new"
+    for _ in range(3):
+        h.from_dom0(CaptureState(StreamStatus.DENIED, "policy says no"))
+    notices = [a for a in h.actions if isinstance(a, Notify)]
+    assert notices == [Notify("Microphone not allowed for this VM", "policy says no")]
+    h.run(h.session.set_mic_users(0, h.now))
+    assert h.to_dom0[-1] == CaptureRequest(False)
+
+
+def test_microphone_audio_is_handed_to_the_virtual_source() -> None:
+    h = Harness()
+    h.accept_all()
+    h.run(h.session.set_mic_users(1, h.now))
+    h.from_dom0(CaptureState(StreamStatus.RUNNING), CaptureData(SOUND))
+    assert h.actions[-1] == MicAudio(SOUND)
+
+
+def test_reconnect_with_recorders_present_asks_again() -> None:
+    h = Harness()
+    h.run(h.session.set_mic_users(1, h.now))  # before the handshake: nothing sent
+    assert CaptureRequest(True) not in h.to_dom0
+    h.accept_all()
+    assert CaptureRequest(True) in h.to_dom0
+
+
+def test_refused_and_stopped_playback_stop_the_monitor() -> None:
+    h = Harness()
+    h.from_dom0(Hello(), FormatRefuse(StreamKind.PLAYBACK, "playback deny by 30-x.yaml:3"))
+    assert StopMonitor("playback deny by 30-x.yaml:3") in h.actions
+    h2 = Harness()
+    h2.accept_all()
+    h2.from_dom0(PlaybackState(StreamStatus.DENIED, "policy changed"))
+    assert StopMonitor("policy changed") in h2.actions
+    assert h2.run(h2.session.audio(SOUND, h2.now)) == []
+    h2.from_dom0(PlaybackState(StreamStatus.RUNNING))
+    assert h2.actions[-1] == StartMonitor(S16)
+
+
+def test_latency_is_end_to_end() -> None:
+    h = Harness()
+    h.accept_all()
+    assert h.session.latency_us(5000) is None
+    for _ in range(10):  # 100 ms sent
+        h.run(h.session.audio(SOUND, h.now))
+    h.from_dom0(
+        Position(
+            received_frames=4320,
+            played_frames=4000,
+            playback_latency_us=20000,
+            capture_latency_us=0,
+        )
+    )
+    # 480 frames (10 ms) still in flight + 20 ms in dom0 + 5 ms local.
+    assert h.session.latency_us(5000) == 35000
+
+
+def test_silent_dom0_means_a_dead_transport() -> None:
+    h = Harness()
+    h.accept_all()
+    assert h.run(h.session.tick(h.now + 4)) == []
+    actions = h.run(h.session.tick(h.now + 6))
+    assert isinstance(actions[-1], Disconnect)
+    assert h.session.closed
+
+
+def test_dom0_protocol_error_closes_with_goodbye() -> None:
+    h = Harness()
+    actions = h.run(h.session.receive(b"\x20\x00\x02\x00ab", h.now))
+    assert isinstance(actions[-1], Disconnect)
+    assert isinstance(h.to_dom0[-1], Goodbye)
+    assert h.to_dom0[-1].code is GoodbyeCode.PROTOCOL_ERROR
