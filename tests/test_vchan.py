@@ -22,8 +22,8 @@ import cffi
 import pytest
 
 from qvaudio import vchan
-from qvaudio.transport.base import StreamClosed, StreamState
-from qvaudio.transport.xen import XenStream
+from qvaudio.transport.base import StreamClosed, StreamState, TransportError
+from qvaudio.transport.xen import XenListener, XenStream
 from qvaudio.vchan import (
     LibraryNotFoundError,
     Vchan,
@@ -271,14 +271,22 @@ def test_fake_ring_offsets_match_the_header(c_layout: dict[str, str]) -> None:
 # ------------------------------------- a Vchan over a ring in process memory
 CLI_LIVE, SRV_LIVE = 20, 21  # offsets in struct vchan_interface
 _libc_ffi = cffi.FFI()
-_libc_ffi.cdef("void *calloc(size_t nmemb, size_t size);")
+_libc_ffi.cdef("void *calloc(size_t nmemb, size_t size); char *strdup(const char *s);")
 _libc: Any = _libc_ffi.dlopen(None)
 
 
 class MemoryVchan(Vchan):
     """A Vchan whose shared page is ordinary memory: no Xen needed, as long as
     nobody triggers a notification. libxenvchan frees the struct, so it comes
-    from calloc; close() detaches the fake page, which Xen never mapped."""
+    from calloc; close() detaches the fake page, which Xen never mapped. The
+    event fd is a pipe that never becomes readable (there is no event channel)."""
+
+    page: Any
+    event_fd: int
+
+    def fileno(self) -> int:
+        self._live()
+        return self.event_fd
 
     def close(self) -> None:
         if self._ctrl is not None:
@@ -288,7 +296,8 @@ class MemoryVchan(Vchan):
 
 @pytest.fixture
 def memory_vchan() -> Iterator[Any]:
-    made: list[tuple[MemoryVchan, Any]] = []
+    made: list[MemoryVchan] = []
+    pipes: list[int] = []
 
     def make(*, server: bool, peer_live: int) -> MemoryVchan:
         page = ffi.new("uint8_t[4096]")
@@ -304,12 +313,18 @@ def memory_vchan() -> Iterator[Any]:
         ctrl.write.buffer = page + 2048
         ctrl.read.order = ctrl.write.order = 10
         ctrl.is_server = 1 if server else 0
-        made.append((MemoryVchan(ctrl, path="/memory", domain=7, server=server), page))
-        return made[-1][0]
+        v = MemoryVchan(ctrl, path="/memory", domain=7, server=server)
+        v.page = page
+        v.event_fd, write_end = os.pipe()
+        pipes.extend((v.event_fd, write_end))
+        made.append(v)
+        return v
 
     yield make
-    for v, _page in made:
+    for v in made:
         v.close()
+    for fd in pipes:
+        os.close(fd)
 
 
 def test_peer_gone_is_closed_error_on_read_and_write(memory_vchan: Any) -> None:
@@ -383,3 +398,44 @@ def test_xen_stream_of_a_waiting_server(memory_vchan: Any) -> None:
     stream.close()
     with pytest.raises(StreamClosed):
         stream.read(10)
+
+
+def test_xen_listener_hands_over_the_server_and_publishes_a_new_one(memory_vchan: Any) -> None:
+    servers: list[MemoryVchan] = []
+
+    def make_server() -> Vchan:
+        server: MemoryVchan = memory_vchan(server=True, peer_live=2)
+        server._ctrl.xs_path = _libc.strdup(GUEST_PATH.encode())
+        servers.append(server)
+        return server
+
+    listener = XenListener("xen:0:4790", make_server)
+    first_fd = listener.fileno()
+    assert listener.accept() is None
+    assert len(servers) == 1
+
+    servers[0].page[CLI_LIVE] = 1  # dom0 connected
+    stream = listener.accept()
+    assert stream is not None
+    assert stream.state is StreamState.CONNECTED
+    # The next server waits at the same path; closing this connection must
+    # not remove its XenStore entries, so the old server forgot the path.
+    assert len(servers) == 2
+    assert listener.fileno() != first_fd
+    assert servers[0]._ctrl.xs_path == ffi.NULL
+
+    servers[1].page[CLI_LIVE] = 0  # a client came and went before accept
+    second_fd = listener.fileno()
+    assert listener.accept() is None
+    assert servers[1].closed
+    assert len(servers) == 3
+    assert listener.fileno() != second_fd
+
+    listener.close()
+    listener.close()
+    assert servers[2].closed
+    assert not servers[0].closed  # the accepted stream outlives its listener
+    with pytest.raises(TransportError, match="listener was closed"):
+        listener.accept()
+    stream.close()
+    assert servers[0].closed

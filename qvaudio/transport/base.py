@@ -119,9 +119,9 @@ class Listener(abc.ABC):
     def fileno(self) -> int:
         """The fd to watch for readability.
 
-        It may change after `accept` returned a stream (the vchan listener
-        publishes a fresh server for the next peer): re-register after each
-        successful accept.
+        It may change after any `accept` call (the vchan listener publishes a
+        fresh server for the next peer, and the old fd goes with the old
+        server): compare it after each `accept` and re-register if it changed.
         """
 
     @abc.abstractmethod

@@ -137,7 +137,9 @@ class XenListener(Listener):
 
     After a client connects, its server object becomes the stream and a new
     server is published at the same path for the next connection (dom0 agent
-    restart), so `fileno` changes after every successful `accept`.
+    restart). So `fileno` changes whenever `accept` found the peer had come,
+    including when it returned None because the peer had already left:
+    compare `fileno` after each `accept` and re-register if it changed.
     """
 
     def __init__(self, address: str, make_server: Callable[[], Vchan]) -> None:
@@ -171,21 +173,25 @@ class XenListener(Listener):
             if state is VchanState.WAITING_FOR_PEER:
                 return None
             self._server = None
-            if state is VchanState.CLOSED:
-                log.info("%s: peer connected and left before accept", self)
-                server.close()
-                return None
-            # This connection must not delete the entries of the next server.
-            server.disown_xs_path()
+            if state is VchanState.CONNECTED:
+                # This connection must not delete the entries of the next server.
+                server.disown_xs_path()
         except VchanError as exc:
             raise _as_transport_error(exc, self.address) from exc
+        self._republish()
+        if state is VchanState.CLOSED:
+            log.info("%s: peer connected and left before accept", self)
+            server.close()
+            return None
         log.info("%s: peer connected", self)
+        return XenStream(server, self.address)
+
+    def _republish(self) -> None:
         try:
             self._publish()
         except TransportError as exc:
-            # Keep the connection we have; the next accept() or fileno() retries.
+            # The next accept() or fileno() retries; keep what we have meanwhile.
             log.warning("%s: cannot publish the next server yet: %s", self, exc)
-        return XenStream(server, self.address)
 
     def close(self) -> None:
         self._closed = True
