@@ -37,15 +37,15 @@ from qvaudio.policy import (
     VmMatcher,
     VmPatternError,
 )
+from qvaudio.safe_yaml import MAX_FILE_BYTES
+from qvaudio.safe_yaml import Refused as _Refused
+from qvaudio.safe_yaml import compose as _compose
 
 DEFAULT_POLICY_DIR = Path("/etc/qvaudio/policy.d")
 #: The policy shipped in a source checkout, used when nothing is installed.
 SOURCE_POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
 POLICY_DIR_ENV = "QVAUDIO_POLICY_DIR"
 POLICY_SUFFIX = ".yaml"
-MAX_FILE_BYTES = 256 * 1024
-#: Deepest legitimate structure is rules > rule > formats > rates list.
-MAX_DEPTH = 8
 
 ROOT_KEYS = ("rules",)
 RULE_KEYS = ("vm", "playback", "capture", "volume", "formats")
@@ -80,15 +80,6 @@ class PolicyLoadError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-class _Refused(Exception):
-    """Internal: stop reading one file at a problem we cannot read past."""
-
-    def __init__(self, line: int | None, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
-
-
 def default_policy_dir() -> Path:
     """$QVAUDIO_POLICY_DIR, else the installed dir, else a source checkout's `policy/`."""
     configured = os.environ.get(POLICY_DIR_ENV)
@@ -106,39 +97,6 @@ def default_trusted_uids() -> frozenset[int]:
 # --- YAML to nodes ---------------------------------------------------------------------
 
 
-class _NodeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors, aliases and deep nesting while composing."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        # The stubs leave peek_event untyped; it returns the next parser event.
-        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
-        line = event.start_mark.line + 1 if event.start_mark is not None else None
-        if isinstance(event, yaml.AliasEvent):
-            raise _Refused(line, f"aliases (*{event.anchor}) are not allowed{_STAR_HINT}")
-        anchor = getattr(event, "anchor", None)
-        if anchor is not None:
-            raise _Refused(line, f"anchors (&{anchor}) are not allowed")
-        tag = getattr(event, "tag", None)
-        if tag is not None:
-            # Tags are how YAML asks for arbitrary objects; plain data never needs them.
-            raise _Refused(line, f"YAML tags ({tag}) are not allowed")
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise _Refused(line, f"nested deeper than {MAX_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-_STAR_HINT = "; quote patterns that start with '*', e.g. vm: '*'"
-_AT_HINT = "; quote values that start with '@', e.g. vm: '@tag:work'"
-
-
 def compose_policy_yaml(data: bytes, file: str) -> yaml.Node | None:
     """Decode and compose one file into a YAML node tree (None for an empty file).
 
@@ -149,42 +107,6 @@ def compose_policy_yaml(data: bytes, file: str) -> yaml.Node | None:
         return _compose(data)
     except _Refused as exc:
         raise PolicyLoadError([PolicyProblem(file, exc.line, exc.message)]) from None
-
-
-def _compose(data: bytes) -> yaml.Node | None:
-    if len(data) > MAX_FILE_BYTES:
-        raise _Refused(None, f"file is larger than {MAX_FILE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise _Refused(line, "not valid UTF-8") from None
-    text = text.removeprefix("\ufeff")
-    try:
-        # The reader checks for unprintable characters already in the constructor.
-        loader = _NodeLoader(text)
-        try:
-            return loader.get_single_node()
-        finally:
-            loader.dispose()
-    except yaml.reader.ReaderError as exc:
-        line = text[: exc.position].count("\n") + 1
-        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
-        raise _Refused(line, f"character U+{char:04X} is not allowed in YAML") from None
-    except yaml.MarkedYAMLError as exc:
-        raise _syntax_error(exc) from None
-
-
-def _syntax_error(exc: yaml.MarkedYAMLError) -> _Refused:
-    mark = exc.problem_mark or exc.context_mark
-    line = mark.line + 1 if mark is not None else None
-    parts = [p for p in (exc.context, exc.problem) if p]
-    message = "YAML syntax error: " + ", ".join(parts)
-    if exc.context == "while scanning an alias":
-        message += _STAR_HINT
-    elif exc.problem is not None and "'@'" in exc.problem:
-        message += _AT_HINT
-    return _Refused(line, message)
 
 
 # --- nodes to rules ----------------------------------------------------------------
