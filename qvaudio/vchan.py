@@ -216,7 +216,9 @@ def check(result: Any, op: str, vchan: Vchan | None = None, **context: Any) -> A
         _raise_init_error(op, err, context["path"], context["domain"])
     if vchan is not None and vchan.state is VchanState.CLOSED:
         raise VchanClosedError(
-            errno_mod.EPIPE, f"{op}: the peer closed the vchan", "the other end went away"
+            errno_mod.EPIPE,
+            f"{op}: the peer closed the vchan",
+            "the agent at the other end stopped, or its domain shut down",
         )
     raise VchanError(err, f"libxenvchan_{op} failed: {os.strerror(err) if err else 'no errno'}")
 
