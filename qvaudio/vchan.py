@@ -59,6 +59,7 @@ _NO_GNTALLOC_HINT: Final = "not running in a Xen domain (no /dev/xen/gntalloc)"
 _NO_XENSTORE_HINT: Final = "no XenStore reachable (not in a Xen domain, or xenstored not running)"
 _GNTALLOC = "/dev/xen/gntalloc"  # module attributes, so tests can point them elsewhere
 _GNTDEV = "/dev/xen/gntdev"
+_EVTCHN = "/dev/xen/evtchn"
 _XENSTORE_PATHS: Final = (
     "/run/xenstored/socket",
     "/var/run/xenstored/socket",
@@ -303,6 +304,14 @@ class Vchan:
         _check_domid("domain", domain)
         path = _resolve_path(xs_path, port, self_domid, domain)
         lib = load_library()
+        if os.path.exists(_GNTALLOC) and not os.path.exists(_EVTCHN):
+            # server_init's cleanup after an event-channel failure frees an
+            # uninitialised xs_path (Xen 4.17): never let it get that far.
+            raise XenUnavailableError(
+                errno_mod.ENOENT,
+                f"server_init(domain={domain}, path={path!r}): no {_EVTCHN}",
+                "load the xen_evtchn kernel module",
+            )
         ffi.errno = 0
         ctrl = lib.libxenvchan_server_init(
             ffi.NULL,

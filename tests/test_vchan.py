@@ -106,6 +106,18 @@ def test_server_without_xen_says_not_in_a_xen_domain() -> None:
     assert GUEST_PATH in str(info.value)
 
 
+def test_server_refuses_to_start_without_event_channels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "gntalloc").touch()
+    monkeypatch.setattr(vchan, "_GNTALLOC", str(tmp_path / "gntalloc"))
+    monkeypatch.setattr(vchan, "_EVTCHN", str(tmp_path / "evtchn"))
+    with pytest.raises(XenUnavailableError) as info:
+        Vchan.server(0, port=PORT, self_domid=GUEST)
+    assert info.value.errno == errno.ENOENT
+    assert "xen_evtchn" in info.value.hint
+
+
 def test_client_without_xen_says_no_xenstore(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XENSTORED_PATH", raising=False)
     with pytest.raises(XenUnavailableError) as info:
