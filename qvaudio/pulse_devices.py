@@ -17,7 +17,8 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import pulsectl
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 NULL_SINK_MODULE: Final = "module-null-sink"
 REMAP_SOURCE_MODULE: Final = "module-remap-source"
+#: How long a module load/unload may take to show in the device lists.
+APPEAR_TIMEOUT_S: Final = 2.0
 #: Suffix of the hidden null sink behind a virtual source.
 BACKING_SINK_SUFFIX: Final = "_in"
 
@@ -79,6 +82,18 @@ def _find_source(pulse: Pulse, name: str) -> Any | None:
     return None
 
 
+def _appeared(lookup: Callable[[], Any | None], expect: bool = True) -> Any | None:
+    """Poll `lookup` until it finds something (or, with expect=False, nothing).
+
+    PulseAudio creates a device before answering the module load but removes
+    it only after answering the unload; pipewire-pulse answers both first.
+    """
+    deadline = time.monotonic() + APPEAR_TIMEOUT_S
+    while ((found := lookup()) is None) == expect and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return found
+
+
 def ensure_null_sink(pulse: Pulse, name: str, description: str, fmt: AudioFormat) -> int:
     """Return the index of null sink `name`, loading it only if no sink has that name."""
     _check_name(name)
@@ -91,7 +106,7 @@ def ensure_null_sink(pulse: Pulse, name: str, description: str, fmt: AudioFormat
         f"channels={fmt.channels} sink_properties={_quote_description(description)}"
     )
     module = pulse.module_load(NULL_SINK_MODULE, args)
-    sink = _find_sink(pulse, name)
+    sink = _appeared(lambda: _find_sink(pulse, name))
     if sink is None:
         # The server accepted the module but made no such sink: do not leak it.
         pulse.module_unload(module)
@@ -120,7 +135,7 @@ def ensure_virtual_source(pulse: Pulse, name: str, description: str, fmt: AudioF
         f"source_properties={_quote_description(description)}"
     )
     module = pulse.module_load(REMAP_SOURCE_MODULE, args)
-    source = _find_source(pulse, name)
+    source = _appeared(lambda: _find_source(pulse, name))
     if source is None:
         pulse.module_unload(module)
         raise RuntimeError(
@@ -155,7 +170,17 @@ def remove_owned_modules(pulse: Pulse, names: Iterable[str]) -> int:
     for module in sorted(owned, key=lambda m: m.index, reverse=True):
         log.info("unloading %s %s (module %d)", module.name, module.argument, module.index)
         pulse.module_unload(module.index)
+    # Both servers answer the unload before the devices are gone; callers
+    # (and a following ensure_*) must not see them any more.
+    remaining = _appeared(lambda: _still_there(pulse, wanted) or None, expect=False)
+    if remaining:
+        log.warning("devices still present after unloading their modules: %s", remaining)
     return len(owned)
+
+
+def _still_there(pulse: Pulse, names: set[str]) -> list[str]:
+    devices = [s.name for s in pulse.sink_list()] + [s.name for s in pulse.source_list()]
+    return [name for name in devices if name in names]
 
 
 def get_default_sink(pulse: Pulse) -> str:

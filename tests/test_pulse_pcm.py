@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pulsectl
 import pytest
@@ -239,10 +239,9 @@ def test_argument_errors_are_caught_before_libpulse(audio_server: AudioServer) -
 
 
 def test_server_death_fails_a_blocked_read(
-    make_pulse_server: object,
+    make_pulse_server: Callable[[str], PulseAudioServer],
 ) -> None:
-    assert callable(make_pulse_server)
-    doomed: PulseAudioServer = make_pulse_server("doomed")
+    doomed = make_pulse_server("doomed")
     fragment = STEREO_S16.bytes_for_ms(20)
     with PcmStream.record(doomed.server, "null.monitor", STEREO_S16, "t", "t", fragment) as rec:
         recorder = Recorder(rec, fragment)
