@@ -288,10 +288,10 @@ class VmSession:
             # Handshake and negotiation frames are small; PCM can't come yet.
             return 4096
         if self.playback_active:
-            room = self.playback_queue_limit() - queued_bytes
-            # Always room for one frame header + control frame, so that a
-            # cork or goodbye is not stuck behind a full queue.
-            return max(room, 64)
+            # Nothing while the queue is full: control frames queue behind the
+            # PCM in the same byte stream anyway, and reading "just a little"
+            # would let a flooding guest creep the queue past its bound.
+            return max(self.playback_queue_limit() - queued_bytes, 0)
         self._discard.refill(now)
         return max(int(self._discard.tokens), 64)
 

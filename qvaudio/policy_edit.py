@@ -29,10 +29,10 @@ from qvaudio.policy import (
     Rule,
 )
 from qvaudio.policy_loader import (
-    MAX_FILE_BYTES,
     compose_policy_yaml,
     parse_policy_text,
 )
+from qvaudio.safe_yaml import MAX_FILE_BYTES
 
 #: Per-VM files sort before the shipped 90-default.yaml, so they override it.
 VM_FILE_PREFIX = "30-"

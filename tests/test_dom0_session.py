@@ -291,7 +291,7 @@ def test_audio_faster_than_real_time_is_throttled_then_cut_off() -> None:
     h = Harness(ALLOW_ALL)
     h.negotiate(capture=None)
     assert h.session.read_budget(h.now, queued_bytes=0) == S16.bytes_for_ms(120)
-    assert h.session.read_budget(h.now, queued_bytes=S16.bytes_for_ms(120)) == 64
+    assert h.session.read_budget(h.now, queued_bytes=S16.bytes_for_ms(120)) == 0
     for step in range(29):  # 2.8 s of backlog: still within the grace period
         h.run(h.session.note_backlog(h.now + step * 0.1, guest_has_more=True, host_consuming=True))
     assert not h.session.closed

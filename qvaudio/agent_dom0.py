@@ -1,0 +1,666 @@
+"""qvaudio-dom0: serve every VM's audio from dom0 (or an audio VM).
+
+The I/O shell around `dom0_session.VmSession`: it finds VMs (XenStore, a
+socket directory, a vsock map), connects to each guest agent, feeds bytes and
+time to that VM's session and carries out what the session decides: bytes
+to the guest, PCM to the VM's stream on the host audio server, microphone
+streams, log lines and desktop notifications. The policy is reloaded live;
+`qvaudio status` and `qvaudio mic` reach the agent over its control socket.
+
+One selector loop in the main thread does all protocol work, so no VM's
+misbehaviour can hold a lock another VM needs; the host server's blocking
+PCM calls run in one thread per stream (`dom0_host`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import queue
+import selectors
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from qvaudio import __version__
+from qvaudio.config import ConfigError, Dom0Settings, load_config, parse_vsock_map
+from qvaudio.control import ControlServer, default_socket_path
+from qvaudio.dom0_discovery import (
+    Discovery,
+    Target,
+    UnixDirDiscovery,
+    VsockDiscovery,
+    XenDiscovery,
+)
+from qvaudio.dom0_host import HostCapture, HostPlayback
+from qvaudio.dom0_session import (
+    Action,
+    Disconnect,
+    Log,
+    Notify,
+    Play,
+    Send,
+    StartCapture,
+    StartPlayback,
+    StopCapture,
+    StopPlayback,
+    VmSession,
+)
+from qvaudio.log import setup_logging
+from qvaudio.notify import Notifier
+from qvaudio.policy import Access, Direction, Policy, evaluate
+from qvaudio.policy_loader import default_policy_dir
+from qvaudio.policy_watch import PolicyWatcher
+from qvaudio.protocol import GoodbyeCode
+from qvaudio.sdnotify import sd_notify, watchdog_interval
+from qvaudio.transport import connect
+from qvaudio.transport.base import PeerUnavailable, Stream, StreamClosed, TransportError
+
+log = logging.getLogger("qvaudio.dom0")
+
+#: More than this waiting for a guest that does not read means it is stalled.
+MAX_OUTBOX = 256 * 1024
+READ_CHUNK = 65536
+DISCOVERY_INTERVAL = 0.5
+#: A session that lasted this long was healthy: reconnect quickly after it.
+HEALTHY_SESSION = 10.0
+
+
+@dataclass
+class Backoff:
+    """When the agent may next try a VM, and how long it waits after that."""
+
+    next_attempt: float = 0.0
+    delay: float = 0.25
+    epoch: object = None
+    misbehaved: bool = False
+
+    def failed(self, now: float) -> None:
+        self.next_attempt = now + self.delay
+        self.delay = min(self.delay * 2, 5.0)
+
+    def ended(self, now: float, lasted: float, code: GoodbyeCode | None) -> None:
+        self.misbehaved = code not in (None, GoodbyeCode.NORMAL, GoodbyeCode.SHUTDOWN)
+        if self.misbehaved:
+            # A guest that was cut off waits, longer each time: reconnecting
+            # in a loop gains it nothing but a longer wait.
+            self.delay = max(5.0, min(self.delay * 2, 60.0))
+        elif lasted > HEALTHY_SESSION:
+            self.delay = 0.25
+        self.next_attempt = now + (self.delay if self.misbehaved else 0.1)
+
+
+@dataclass
+class VmLink:
+    """One connected VM: its transport, its session and its host streams."""
+
+    target: Target
+    stream: Stream
+    session: VmSession
+    connected_at: float
+    outbox: bytearray = field(default_factory=bytearray)
+    playback: HostPlayback | None = None
+    capture: HostCapture | None = None
+    mask: int = 0
+    disconnect_code: GoodbyeCode | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.identity.name
+
+
+class Dom0Agent:
+    def __init__(self, settings: Dom0Settings, *, policy_dir: Path, control_path: Path) -> None:
+        self.settings = settings
+        self.server = settings.pulse_server or None
+        self.selector = selectors.DefaultSelector()
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.links: dict[str, VmLink] = {}
+        self.backoff: dict[str, Backoff] = {}
+        self.mic_attached: set[str] = set()
+        self.stopping = False
+        self.policy_watcher = PolicyWatcher(
+            policy_dir, interval=0.05, on_change=lambda p: self._post("policy", p)
+        )
+        self.notifier = Notifier(settings.notifications)
+        self.control = ControlServer(control_path, self.handle_control)
+        self.selector.register(self.control, selectors.EVENT_READ, ("control", None))
+        self.discoveries = self._make_discoveries(settings)
+        self._discovery_fds: dict[int, Discovery] = {}
+        self._next_discovery = 0.0
+        self._closing_host: list[HostPlayback | HostCapture] = []
+
+    @staticmethod
+    def _make_discoveries(settings: Dom0Settings) -> list[Discovery]:
+        sources: list[Discovery] = []
+        for spec in settings.transports:
+            if spec == "xen":
+                sources.append(XenDiscovery(settings.xen_port))
+            elif spec.startswith("unix:"):
+                sources.append(UnixDirDiscovery(Path(spec.removeprefix("unix:"))))
+            elif spec.startswith("vsock:"):
+                sources.append(VsockDiscovery(parse_vsock_map(spec), settings.vsock_port))
+        return sources
+
+    @property
+    def policy(self) -> Policy:
+        return self.policy_watcher.policy
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _post(self, kind: str, payload: Any) -> None:
+        """From any thread: hand something to the main loop and wake it."""
+        self.inbox.put((kind, payload))
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def request_stop(self, signum: int, frame: FrameType | None = None) -> None:
+        self.stopping = True
+        self._post("stop", signum)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.policy_watcher.start()
+        if not self.policy_watcher.ever_loaded:
+            log.error("no valid policy: all playback and capture are denied until one loads")
+        log.info(
+            "qvaudio-dom0 %s serving %s; control socket %s",
+            __version__,
+            ", ".join(self.settings.transports),
+            self.control.path,
+        )
+        sd_notify("READY=1", "STATUS=serving VMs")
+        watchdog = watchdog_interval()
+        next_watchdog = 0.0
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                busy = any(link.outbox or self._throttled(link) for link in self.links.values())
+                for key, mask in self.selector.select(0.02 if busy else 0.1):
+                    self._dispatch(key, mask, time.monotonic())
+                now = time.monotonic()
+                self._drain_inbox(now)
+                if now >= self._next_discovery:
+                    self._next_discovery = now + DISCOVERY_INTERVAL
+                    self._discover(now)
+                for link in list(self.links.values()):
+                    self._service(link, now)
+                for fd in self.control.expire(now):
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(fd)
+                if watchdog is not None and now >= next_watchdog:
+                    sd_notify("WATCHDOG=1")
+                    next_watchdog = now + watchdog
+        finally:
+            self._shutdown()
+        return 0
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int, now: float) -> None:
+        kind, payload = key.data
+        if kind == "wake":
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+        elif kind == "control":
+            conn = self.control.accept(now)
+            if conn is not None:
+                self.selector.register(conn, selectors.EVENT_READ, ("client", conn.fileno()))
+        elif kind == "client":
+            self._service_client(payload, now)
+        elif kind == "discovery":
+            payload.refresh()
+            self._reconcile_targets(now)
+        elif kind == "vm":
+            link = self.links.get(payload)
+            if link is not None:
+                if mask & selectors.EVENT_READ:
+                    link.stream.handle_wakeup()
+                self._service(link, now)
+
+    def _service_client(self, fd: int, now: float) -> None:
+        alive = self.control.service(fd, now)
+        with contextlib.suppress(KeyError, ValueError):
+            if not alive:
+                self.selector.unregister(fd)
+            elif self.control.wants_write(fd):
+                self.selector.modify(fd, selectors.EVENT_WRITE, ("client", fd))
+
+    def _drain_inbox(self, now: float) -> None:
+        while True:
+            try:
+                kind, payload = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "policy":
+                for link in list(self.links.values()):
+                    self._execute(link, link.session.update_policy(payload, now))
+            elif kind == "mic":
+                name, capture, chunk = payload
+                mic_link = self.links.get(name)
+                if mic_link is not None and mic_link.capture is capture:
+                    room = mic_link.stream.buffer_space() - len(mic_link.outbox)
+                    self._execute(mic_link, mic_link.session.capture_pcm(chunk, room, now))
+
+    # -- discovery and connections ------------------------------------------------------------
+
+    def _discover(self, now: float) -> None:
+        for source in self.discoveries:
+            fd = source.fileno()
+            if fd is None:
+                source.refresh()
+            elif fd not in self._discovery_fds:
+                source.refresh()
+                self._discovery_fds[fd] = source
+                self.selector.register(fd, selectors.EVENT_READ, ("discovery", source))
+            # A source whose fd went away (XenStore lost) reconnects in refresh().
+            for stale_fd, stale in list(self._discovery_fds.items()):
+                if stale is source and stale_fd != fd:
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(stale_fd)
+                    del self._discovery_fds[stale_fd]
+        self._reconcile_targets(now)
+
+    def _all_targets(self) -> dict[str, Target]:
+        merged: dict[str, Target] = {}
+        for source in self.discoveries:
+            for name, target in source.targets().items():
+                if name in merged and merged[name].address != target.address:
+                    log.warning("two VMs named %r (%s, %s): serving the first only", name,
+                                merged[name].origin, target.origin)  # fmt: skip
+                    continue
+                merged[name] = target
+        return merged
+
+    def _reconcile_targets(self, now: float) -> None:
+        targets = self._all_targets()
+        for name, link in list(self.links.items()):
+            target = targets.get(name)
+            if target is None or target.address != link.target.address:
+                self._execute(link, link.session.shutdown("the VM went away"))
+                self.mic_attached.discard(name)
+            elif target.identity != link.target.identity:
+                link.target = target
+                link.session.vm = target.identity
+                self._execute(link, link.session.update_policy(self.policy, now))
+        for name in list(self.mic_attached):
+            if name not in targets:
+                self.mic_attached.discard(name)
+        for name, target in targets.items():
+            if name in self.links:
+                continue
+            backoff = self.backoff.setdefault(name, Backoff())
+            if target.epoch != backoff.epoch:
+                backoff.epoch = target.epoch
+                if not backoff.misbehaved:
+                    backoff.next_attempt = 0.0  # re-published: try at once
+            if now >= backoff.next_attempt:
+                self._connect(target, backoff, now)
+
+    def _connect(self, target: Target, backoff: Backoff, now: float) -> None:
+        name = target.identity.name
+        try:
+            stream = connect(target.address)
+        except PeerUnavailable as exc:
+            log.debug("%s: not reachable yet: %s", name, exc)
+            backoff.failed(now)
+            return
+        except TransportError as exc:
+            log.warning("%s: cannot connect to %s: %s", name, target.address, exc)
+            backoff.failed(now)
+            return
+        session = VmSession(
+            target.identity, self.policy, now, mic_attached=name in self.mic_attached
+        )
+        link = VmLink(target, stream, session, now)
+        self.links[name] = link
+        log.info("%s: connected over %s (%s)", name, target.address, target.origin)
+        self._execute(link, session.start(now))
+
+    # -- per-VM work ------------------------------------------------------------------------------
+
+    def _throttled(self, link: VmLink) -> bool:
+        queued = link.playback.queued_bytes if link.playback else 0
+        return link.session.read_budget(time.monotonic(), queued) == 0
+
+    def _service(self, link: VmLink, now: float) -> None:
+        if link.name not in self.links:
+            return
+        budget_exhausted = self._read(link, now)
+        if link.name not in self.links:
+            return
+        self._flush(link)
+        if link.name not in self.links:
+            return
+        session = link.session
+        playback, capture = link.playback, link.capture
+        fmt = session.playback_format
+        if playback is not None and fmt is not None:
+            latency = playback.latency_us + fmt.duration_us(playback.queued_bytes)
+            session.host_status(
+                playback.played_frames, latency, capture.latency_us if capture else 0
+            )
+            session.counters.underruns = playback.underruns
+        actions = session.tick(now)
+        try:
+            pending = link.stream.data_ready() > 0
+        except StreamClosed:
+            pending = False
+        host_ok = playback.consuming if playback is not None else True
+        actions += session.note_backlog(now, budget_exhausted and pending, host_ok)
+        self._execute(link, actions)
+        if link.name in self.links:
+            self._update_interest(link)
+
+    def _read(self, link: VmLink, now: float) -> bool:
+        """Read what the session allows; True if it stopped for lack of budget."""
+        for _ in range(16):  # bounded, so one VM cannot starve the others
+            queued = link.playback.queued_bytes if link.playback else 0
+            budget = min(link.session.read_budget(now, queued), READ_CHUNK)
+            if budget <= 0:
+                return True
+            try:
+                data = link.stream.read(budget)
+            except StreamClosed:
+                self._execute(link, link.session.transport_lost("the guest closed the connection"))
+                self._drop(link, None)
+                return False
+            except TransportError as exc:
+                self._execute(link, link.session.transport_lost(f"transport error: {exc}"))
+                self._drop(link, None)
+                return False
+            if not data:
+                return False
+            self._execute(link, link.session.receive(data, now))
+            if link.name not in self.links:
+                return False
+        return True
+
+    def _flush(self, link: VmLink) -> None:
+        if not link.outbox:
+            return
+        try:
+            sent = link.stream.write(link.outbox)
+        except TransportError as exc:
+            self._execute(link, link.session.transport_lost(f"write failed: {exc}"))
+            self._drop(link, None)
+            return
+        del link.outbox[:sent]
+        if len(link.outbox) > MAX_OUTBOX:
+            log.warning("%s: cut off: not reading what dom0 sends", link.name)
+            self._execute(link, link.session.transport_lost("guest not reading"))
+            self._drop(link, GoodbyeCode.TIMEOUT)
+
+    def _update_interest(self, link: VmLink) -> None:
+        want_read = not self._throttled(link)
+        want_write = bool(link.outbox)
+        mask = link.stream.poll_events(want_write) if (want_read or want_write) else 0
+        if not want_read and mask & ~selectors.EVENT_READ:
+            # A socket can wait for writability alone; a vchan's one event fd
+            # signals both, and its events are consumed, so it cannot spin.
+            mask &= ~selectors.EVENT_READ
+        if mask == link.mask:
+            return
+        fd = link.stream.fileno()
+        with contextlib.suppress(KeyError, ValueError):
+            if link.mask and not mask:
+                self.selector.unregister(fd)
+            elif not link.mask and mask:
+                self.selector.register(fd, mask, ("vm", link.name))
+            else:
+                self.selector.modify(fd, mask, ("vm", link.name))
+        link.mask = mask
+
+    def _execute(self, link: VmLink, actions: Sequence[Action]) -> None:
+        name = link.name
+        for action in actions:
+            match action:
+                case Send(data=data):
+                    link.outbox += data
+                case Play(pcm=pcm):
+                    if link.playback is not None:
+                        link.playback.put(pcm)
+                case StartPlayback(format=fmt, initial_volume=volume):
+                    self._close_host(link.playback)
+                    link.playback = HostPlayback(
+                        name,
+                        fmt,
+                        server=self.server,
+                        latency_ms=self.settings.playback_latency_ms,
+                        initial_volume=volume,
+                        label=link.target.label,
+                        pulse_connect=self._pulse_connect,
+                    )
+                case StopPlayback():
+                    self._close_host(link.playback)
+                    link.playback = None
+                case StartCapture(format=fmt):
+                    self._close_host(link.capture)
+                    link.capture = HostCapture(
+                        name,
+                        fmt,
+                        server=self.server,
+                        period_ms=self.settings.capture_period_ms,
+                        deliver=self._deliver_mic,
+                        label=link.target.label,
+                    )
+                case StopCapture():
+                    self._close_host(link.capture)
+                    link.capture = None
+                case Log(level=level, message=message):
+                    log.log(level, "%s: %s", name, message)
+                case Notify(summary=summary, body=body):
+                    self.notifier.notify(summary, body)
+                case Disconnect(code=code):
+                    self._flush_once(link)
+                    self._drop(link, code)
+
+    def _deliver_mic(self, name: str, chunk: bytes) -> None:
+        link = self.links.get(name)
+        if link is not None:
+            self._post("mic", (name, link.capture, chunk))
+
+    def _pulse_connect(self) -> Any:
+        from qvaudio.pulse_devices import connect as pulse_connect
+
+        return pulse_connect("qvaudio-dom0", self.server)
+
+    def _flush_once(self, link: VmLink) -> None:
+        with contextlib.suppress(TransportError):
+            if link.outbox:
+                link.stream.write(link.outbox)
+
+    def _close_host(self, host: HostPlayback | HostCapture | None) -> None:
+        if host is not None:
+            host.stop()
+            self._closing_host.append(host)
+        self._closing_host = [h for h in self._closing_host if h.alive]
+
+    def _drop(self, link: VmLink, code: GoodbyeCode | None) -> None:
+        if self.links.get(link.name) is not link:
+            return
+        del self.links[link.name]
+        if link.mask:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(link.stream.fileno())
+        self._close_host(link.playback)
+        self._close_host(link.capture)
+        link.playback = link.capture = None
+        link.stream.close()
+        now = time.monotonic()
+        self.backoff.setdefault(link.name, Backoff()).ended(now, now - link.connected_at, code)
+
+    def _shutdown(self) -> None:
+        log.info("stopping: saying goodbye to %d VMs", len(self.links))
+        for link in list(self.links.values()):
+            self._execute(link, link.session.shutdown("the dom0 agent is stopping"))
+        for host in self._closing_host:
+            host.join()
+        self.policy_watcher.stop()
+        for source in self.discoveries:
+            source.close()
+        self.control.close()
+        self.notifier.close()
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- control requests ------------------------------------------------------------------------
+
+    def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "mic":
+            return self._mic(str(request.get("action")), str(request.get("vm", "")))
+        if cmd == "reload":
+            self.policy_watcher.check_now()
+            return {"ok": True, "problems": [str(p) for p in self.policy_watcher.problems]}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _mic(self, action: str, name: str) -> dict[str, Any]:
+        if action not in ("attach", "detach"):
+            return {"ok": False, "error": "action must be attach or detach"}
+        targets = self._all_targets()
+        link = self.links.get(name)
+        identity = (
+            link.target.identity if link else targets[name].identity if name in targets else None
+        )
+        if identity is None:
+            return {"ok": False, "error": f"no running VM named {name!r}"}
+        decision = evaluate(self.policy, identity, Direction.CAPTURE)
+        if action == "attach" and decision.access is not Access.ATTACH_ON_REQUEST:
+            why = "already allowed" if decision.access is Access.ALLOW else "denied"
+            return {
+                "ok": False,
+                "error": f"the policy says capture is {why} for {name} ({decision.reason}); "
+                "mic attach is for VMs whose policy says attach-on-request",
+            }
+        now = time.monotonic()
+        if action == "attach":
+            self.mic_attached.add(name)
+        else:
+            self.mic_attached.discard(name)
+        log.info("%s: microphone %sed by the user", name, action)
+        if link is not None:
+            self._execute(link, link.session.set_mic_attached(action == "attach", now))
+        return {"ok": True, "vm": name, "attached": name in self.mic_attached}
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        vms: dict[str, Any] = {}
+        for name, target in sorted(self._all_targets().items()):
+            link = self.links.get(name)
+            entry: dict[str, Any] = {"transport": str(target.address), "origin": target.origin}
+            if link is None:
+                backoff = self.backoff.get(name)
+                entry["state"] = "waiting"
+                if backoff is not None and backoff.next_attempt > now:
+                    entry["retry_in_s"] = round(backoff.next_attempt - now, 1)
+            else:
+                entry.update(link.session.status())
+                entry["connected_s"] = round(now - link.connected_at, 1)
+                if link.playback is not None:
+                    entry["playback"]["queued_ms"] = round(
+                        link.playback.queued_bytes * 1000 / link.playback.format.bytes_per_second, 1
+                    )
+            vms[name] = entry
+        watcher = self.policy_watcher
+        return {
+            "version": __version__,
+            "vms": vms,
+            "policy": {
+                "dir": str(watcher.directory),
+                "loaded": watcher.ever_loaded,
+                "files": list(watcher.policy.files),
+                "problems": [str(p) for p in watcher.problems],
+            },
+        }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qvaudio-dom0",
+        description="Serve the audio of every VM from dom0 (or an audio VM): find the VMs, "
+        "apply each one's policy, and play each as its own stream on the host audio server.",
+    )
+    parser.add_argument("--config", type=Path, help="main config file (default: "
+                        "/etc/qvaudio/qvaudio.yaml, or $QVAUDIO_CONFIG)")  # fmt: skip
+    parser.add_argument(
+        "--transport",
+        action="append",
+        metavar="SPEC",
+        help="how VMs reach this agent, instead of the config's dom0.transports; repeatable: "
+        "'xen' (XenStore), 'unix:DIR' (a socket per VM, named after it), "
+        "'vsock:NAME=CID,...'",
+    )
+    parser.add_argument("--policy-dir", type=Path, help="policy directory (default: "
+                        "/etc/qvaudio/policy.d, or $QVAUDIO_POLICY_DIR)")  # fmt: skip
+    parser.add_argument("--control-socket", type=Path, help="control socket path (default: "
+                        "$XDG_RUNTIME_DIR/qvaudio/control.sock)")  # fmt: skip
+    parser.add_argument("--pulse-server", help="host audio server (default: the session's)")
+    parser.add_argument(
+        "--latency-ms", type=int, help="target latency of each VM's stream on the host server"
+    )
+    parser.add_argument("--no-notifications", action="store_true",
+                        help="do not show desktop notifications")  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"qvaudio-dom0: {exc}", file=sys.stderr)
+        return 2
+    settings = config.dom0
+    overrides: dict[str, Any] = {}
+    if args.transport:
+        overrides["transports"] = tuple(args.transport)
+    if args.pulse_server:
+        overrides["pulse_server"] = args.pulse_server
+    if args.latency_ms:
+        overrides["playback_latency_ms"] = args.latency_ms
+    if args.no_notifications:
+        overrides["notifications"] = False
+    if overrides:
+        from dataclasses import replace
+
+        settings = replace(settings, **overrides)
+    for spec in settings.transports:
+        if spec.startswith("vsock:"):
+            try:
+                parse_vsock_map(spec)
+            except ValueError as exc:
+                print(f"qvaudio-dom0: --transport {spec}: {exc}", file=sys.stderr)
+                return 2
+        elif spec != "xen" and not spec.startswith("unix:"):
+            print(f"qvaudio-dom0: unknown transport {spec!r}", file=sys.stderr)
+            return 2
+    policy_dir = args.policy_dir or (
+        Path(settings.policy_dir) if settings.policy_dir else default_policy_dir()
+    )
+    control_path = args.control_socket or (
+        Path(settings.control_socket) if settings.control_socket else default_socket_path()
+    )
+    agent = Dom0Agent(settings, policy_dir=policy_dir, control_path=control_path)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    signal.signal(signal.SIGHUP, lambda *_: agent.policy_watcher.check_now())
+    return agent.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The host audio server side of dom0: one playback stream per VM, one record
+stream per VM that may use the microphone.
+
+Each stream is a blocking `PcmStream` in its own thread. Playback is fed
+from a queue whose size the agent bounds (it stops reading a guest whose
+queue is full: that is the back-pressure), and the blocking write paces it
+at real time. If the host server goes away (restart, crash) the thread
+re-opens the stream with back-off, so VMs' audio comes back by itself.
+
+Every VM's stream is named after the VM (application.name, media.name) with
+an icon, so the desktop mixer shows it like any application and remembers
+its volume per VM.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from qvaudio.formats import AudioFormat
+from qvaudio.pulse_pcm import PcmStream, PulseError
+
+log = logging.getLogger(__name__)
+
+ICON_NAME = "qvaudio-vm"
+#: Stream property carrying the VM's name, so the agent can find its streams.
+VM_PROPERTY = "qvaudio.vm"
+#: PulseAudio's 100 % (PA_VOLUME_NORM) as pulsectl's float.
+FULL_VOLUME = 1.0
+
+
+def stream_properties(vm_name: str, label: str | None, kind: str) -> dict[str, str]:
+    props = {
+        "application.name": vm_name,
+        "application.icon_name": ICON_NAME,
+        "media.name": f"{vm_name} {kind}",
+        VM_PROPERTY: vm_name,
+    }
+    if label:
+        props["qvaudio.label"] = label
+    return props
+
+
+class HostPlayback:
+    """A VM's playback stream on the host server, fed through a bounded queue."""
+
+    def __init__(
+        self,
+        vm_name: str,
+        fmt: AudioFormat,
+        *,
+        server: str | None,
+        latency_ms: int,
+        initial_volume: float,
+        label: str | None = None,
+        pulse_connect: Callable[[], Any] | None = None,
+    ) -> None:
+        self.vm_name = vm_name
+        self.format = fmt
+        self._server = server
+        self._tlength = fmt.bytes_for_ms(latency_ms)
+        self._initial_volume = initial_volume
+        self._props = stream_properties(vm_name, label, "playback")
+        self._pulse_connect = pulse_connect
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._stream: PcmStream | None = None
+        self.played_bytes = 0
+        self.latency_us = 0
+        self.underruns = 0
+        self.last_write = time.monotonic()
+        self.open_failures = 0
+        self._thread = threading.Thread(target=self._run, name=f"play-{vm_name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    @property
+    def played_frames(self) -> int:
+        return self.played_bytes // self.format.frame_size
+
+    @property
+    def consuming(self) -> bool:
+        """The host takes audio: it wrote recently, or has nothing to write."""
+        return self._stream is not None and (
+            self._queued == 0 or time.monotonic() - self.last_write < 0.5
+        )
+
+    def put(self, pcm: bytes) -> None:
+        with self._cond:
+            self._queue.append(pcm)
+            self._queued += len(pcm)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop without waiting: the agent's loop must never block on the host server."""
+        with self._cond:
+            self._stop = True
+            self._queue.clear()
+            self._queued = 0
+            self._cond.notify()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float = 3.0) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s: host playback thread did not stop", self.vm_name)
+
+    def close(self) -> None:
+        self.stop()
+        self.join()
+
+    # -- the thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = 0.2
+        while not self._stop:
+            try:
+                self._stream = PcmStream.playback(
+                    self._server,
+                    None,
+                    self.format,
+                    self.vm_name,
+                    f"{self.vm_name} playback",
+                    self._tlength,
+                    props=self._props,
+                )
+            except PulseError as exc:
+                self.open_failures += 1
+                if self.open_failures in (1, 10) or self.open_failures % 100 == 0:
+                    log.warning("%s: cannot open host stream: %s (retrying)", self.vm_name, exc)
+                self._discard_while_down()
+                self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self.open_failures:
+                log.info("%s: host stream open again", self.vm_name)
+            self.open_failures = 0
+            delay = 0.2
+            self._apply_initial_volume()
+            try:
+                self._pump(self._stream)
+            except PulseError as exc:
+                log.warning("%s: host stream lost: %s (reopening)", self.vm_name, exc)
+            finally:
+                stream, self._stream = self._stream, None
+                if stream is not None:
+                    stream.close()
+
+    def _pump(self, stream: PcmStream) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    if not self._cond.wait(timeout=0.5):
+                        break
+                if self._stop:
+                    return
+                if not self._queue:
+                    continue
+                chunk = self._queue.popleft()
+                self._queued -= len(chunk)
+                ran_dry = not self._queue
+            stream.write(chunk)
+            self.played_bytes += len(chunk)
+            self.last_write = time.monotonic()
+            if ran_dry:
+                self.latency_us = stream.latency_us()
+
+    def _discard_while_down(self) -> None:
+        # Keep the queue from holding stale audio while the host server is down;
+        # the agent stops reading the guest meanwhile, so nothing accumulates.
+        with self._cond:
+            self._queue.clear()
+            self._queued = 0
+
+    def _sleep(self, seconds: float) -> None:
+        with self._cond:
+            if not self._stop:
+                self._cond.wait(timeout=seconds)
+
+    def _apply_initial_volume(self) -> None:
+        """Start at the policy's default volume unless the mixer restored one.
+
+        A fresh stream comes up at 100 %; any other volume means the desktop
+        remembered the user's choice for this VM, and that wins.
+        """
+        if self._pulse_connect is None or self._initial_volume >= FULL_VOLUME:
+            return
+        try:
+            with self._pulse_connect() as pulse:
+                for sink_input in pulse.sink_input_list():
+                    if sink_input.proplist.get(VM_PROPERTY) != self.vm_name:
+                        continue
+                    if abs(sink_input.volume.value_flat - FULL_VOLUME) < 0.01:
+                        pulse.volume_set_all_chans(sink_input, self._initial_volume)
+        except Exception as exc:  # pulsectl raises several unrelated types
+            log.warning("%s: could not set the initial volume: %s", self.vm_name, exc)
+
+
+class HostCapture:
+    """The host microphone recorded for one VM; chunks go to `deliver`."""
+
+    def __init__(
+        self,
+        vm_name: str,
+        fmt: AudioFormat,
+        *,
+        server: str | None,
+        period_ms: int,
+        deliver: Callable[[str, bytes], None],
+        label: str | None = None,
+    ) -> None:
+        self.vm_name = vm_name
+        self.format = fmt
+        self._server = server
+        self._period = fmt.bytes_for_ms(period_ms)
+        self._deliver = deliver
+        self._props = stream_properties(vm_name, label, "microphone")
+        self._stop = threading.Event()
+        self.latency_us = 0
+        self._thread = threading.Thread(target=self._run, name=f"mic-{vm_name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop without waiting; a chunk read meanwhile is dropped, never delivered."""
+        self._stop.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float = 3.0) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s: microphone thread did not stop", self.vm_name)
+
+    def close(self) -> None:
+        self.stop()
+        self.join()
+
+    def _run(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                stream = PcmStream.record(
+                    self._server,
+                    None,
+                    self.format,
+                    self.vm_name,
+                    f"{self.vm_name} microphone",
+                    self._period,
+                    props=self._props,
+                )
+            except PulseError as exc:
+                log.warning("%s: cannot open the microphone: %s (retrying)", self.vm_name, exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.2
+            try:
+                while not self._stop.is_set():
+                    chunk = stream.read(self._period)
+                    if self._stop.is_set():
+                        break  # revoked while we waited: this chunk goes nowhere
+                    self.latency_us = stream.latency_us()
+                    self._deliver(self.vm_name, chunk)
+            except PulseError as exc:
+                log.warning("%s: microphone stream lost: %s (reopening)", self.vm_name, exc)
+            finally:
+                stream.close()

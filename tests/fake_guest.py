@@ -1,0 +1,183 @@
+"""A scriptable guest for testing the dom0 agent: the protocol's guest end on a
+Unix socket, as `qvaudio-guest --transport unix:PATH` would serve it.
+
+It is a stand-in for a guest agent (whose own tests run it against real
+audio servers), so that dom0's tests can script exactly what a guest sends,
+including what a hostile guest would send (`send_raw`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qvaudio.connection import Connection
+from qvaudio.formats import AudioFormat
+from qvaudio.protocol import (
+    CaptureData,
+    Event,
+    FormatOffer,
+    Hello,
+    PlaybackData,
+    RemoteProtocolError,
+    Role,
+    StreamKind,
+)
+
+
+class FakeGuest:
+    def __init__(self, path: Path, *, hello: bool = True) -> None:
+        self.path = path
+        self.auto_hello = hello
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.conn: Connection | None = None
+        self.sock: socket.socket | None = None
+        self.events: list[tuple[float, Event]] = []
+        self.connections = 0
+        self.closed_by_peer = threading.Event()
+        self.connected = threading.Event()
+        self.error: Exception | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    # -- serving ---------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):  # closed under us by close()
+            self._accept_loop()
+
+    def _accept_loop(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                if self.sock is not None:
+                    self.sock.close()
+                self.sock = sock
+                self.conn = Connection(Role.GUEST)
+                self.connections += 1
+                self.closed_by_peer.clear()
+                if self.auto_hello:
+                    sock.sendall(self.conn.send(Hello()))
+            self.connected.set()
+            self._receive(sock)
+
+    def _receive(self, sock: socket.socket) -> None:
+        sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            with self._lock:
+                if self.conn is None or self.sock is not sock:
+                    return
+                try:
+                    new = self.conn.receive_data(data)
+                except RemoteProtocolError as exc:
+                    self.error = exc
+                    break
+                now = time.monotonic()
+                self.events.extend((now, e) for e in new)
+        self.closed_by_peer.set()
+        self.connected.clear()
+
+    # -- scripting -------------------------------------------------------------------
+
+    def send(self, *events: Event) -> None:
+        with self._lock:
+            assert self.conn is not None and self.sock is not None, "not connected"
+            data = b"".join(self.conn.send(e) for e in events)
+            sock = self.sock
+        sock.sendall(data)
+
+    def send_raw(self, data: bytes) -> None:
+        with self._lock:
+            assert self.sock is not None, "not connected"
+            sock = self.sock
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+
+    def offer(self, playback: AudioFormat | None, capture: AudioFormat | None = None) -> None:
+        if playback is not None:
+            self.send(FormatOffer(StreamKind.PLAYBACK, (playback,)))
+        if capture is not None:
+            self.send(FormatOffer(StreamKind.CAPTURE, (capture,)))
+
+    def mark(self) -> int:
+        """A position in the event log: `wait_for(..., after=mark)` looks only past it."""
+        with self._lock:
+            return len(self.events)
+
+    def wait_for(
+        self, predicate: Callable[[Event], bool], timeout: float = 5.0, after: int = 0
+    ) -> Event:
+        deadline = time.monotonic() + timeout
+        seen = after
+        while time.monotonic() < deadline:
+            with self._lock:
+                for _, event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                seen = len(self.events)
+            time.sleep(0.01)
+        kinds = sorted({type(e).__name__ for _, e in self.events})
+        raise AssertionError(f"{self.path.name}: no matching event within {timeout} s; saw {kinds}")
+
+    def received(self, kind: type) -> list[tuple[float, Event]]:
+        with self._lock:
+            return [(t, e) for t, e in self.events if isinstance(e, kind)]
+
+    def capture_pcm(self) -> bytes:
+        return b"".join(e.pcm for _, e in self.received(CaptureData))  # type: ignore[attr-defined]
+
+    def stream_pcm(self, pcm: bytes, fmt: AudioFormat, period_ms: int = 10) -> threading.Thread:
+        """Send `pcm` in real time, one period at a time, from a thread."""
+        step = fmt.bytes_for_ms(period_ms)
+
+        def pace() -> None:
+            start = time.monotonic()
+            for i, offset in enumerate(range(0, len(pcm), step)):
+                delay = start + i * period_ms / 1000 - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                try:
+                    self.send(PlaybackData(pcm[offset : offset + step]))
+                except (OSError, AssertionError):
+                    return
+
+        thread = threading.Thread(target=pace, daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self.sock is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.close()
+            self.sock = None
+        self.listener.close()
+        self._thread.join(timeout=2)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

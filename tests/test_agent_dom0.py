@@ -1,0 +1,364 @@
+"""qvaudio-dom0 as a process, against a real (private) host PulseAudio and the
+real xenstored; guests are scripted protocol peers on Unix sockets
+(tests/fake_guest.py), named after the VMs they play.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pulsectl
+import pytest
+
+from qvaudio.control import request
+from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.protocol import (
+    CaptureData,
+    CaptureRequest,
+    CaptureState,
+    FormatAccept,
+    FormatRefuse,
+    Goodbye,
+    PlaybackState,
+    StreamStatus,
+)
+from qvaudio.pulse_pcm import PcmStream
+from qvaudio.tone import decode_mono, estimate_frequency, generate_sine, nonsilent_fraction
+from tests.audio_daemons import NULL_SINK, PulseAudioServer
+from tests.fake_guest import FakeGuest
+
+S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
+MONO = AudioFormat(48000, SampleFormat.S16LE, 1)
+
+POLICY = """\
+rules:
+  - vm: work
+    playback: allow
+    capture: attach-on-request
+  - vm: quiet
+    playback: allow
+    volume: {default: 50, max: 50}
+  - vm: open-mic
+    playback: allow
+    capture: allow
+  - vm: blocked
+    playback: deny
+  - vm: '*'
+    playback: allow
+    capture: deny
+"""
+
+
+def write_policy(directory: Path, text: str, name: str = "50-test.yaml") -> None:
+    # Atomic, as an editor (or `qvaudio policy set`) would save it.
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, directory / name)
+
+
+class Dom0:
+    """A running qvaudio-dom0 with its host server, policy dir and VM socket dir."""
+
+    def __init__(self, base: Path, host: PulseAudioServer) -> None:
+        self.base = base
+        self.host = host
+        self.vm_dir = base / "vms"
+        self.policy_dir = base / "policy"
+        self.control = base / "control.sock"
+        self.log = base / "dom0.log"
+        for d in (self.vm_dir, self.policy_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+        write_policy(self.policy_dir, POLICY)
+        self.guests: list[FakeGuest] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = self.host.full_env()
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "qvaudio.agent_dom0",
+                    "--transport", f"unix:{self.vm_dir}",
+                    "--policy-dir", str(self.policy_dir),
+                    "--control-socket", str(self.control),
+                    "--no-notifications", "-v",
+                ],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not self.control.exists():
+            assert self.proc.poll() is None, f"qvaudio-dom0 exited:\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"no control socket:\n{self.log_text()}"
+            time.sleep(0.05)
+
+    def guest(self, name: str, **kwargs: Any) -> FakeGuest:
+        guest = FakeGuest(self.vm_dir / name, **kwargs)
+        self.guests.append(guest)
+        assert guest.connected.wait(5), f"dom0 never connected to {name}:\n{self.log_text()}"
+        return guest
+
+    def status(self) -> dict[str, Any]:
+        return request(self.control, {"cmd": "status"})
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> int | None:
+        for guest in self.guests:
+            guest.close()
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+
+@pytest.fixture(scope="module")
+def host(make_pulse_server: Callable[[str], PulseAudioServer]) -> PulseAudioServer:
+    return make_pulse_server("dom0-host")
+
+
+@pytest.fixture
+def dom0(tmp_path: Path, host: PulseAudioServer) -> Iterator[Dom0]:
+    host.ensure_running()
+    agent = Dom0(tmp_path, host)
+    agent.start()
+    yield agent
+    code = agent.stop()
+    assert code == 0, f"qvaudio-dom0 did not stop cleanly ({code}):\n{agent.log_text()}"
+
+
+def record_host(host: PulseAudioServer, seconds: float) -> tuple[threading.Thread, list[bytes]]:
+    """Record the host's sink monitor (what the user would hear) in the background."""
+    chunks: list[bytes] = []
+
+    def run() -> None:
+        with PcmStream.record(
+            host.server, f"{NULL_SINK}.monitor", S16, "test", "listen", S16.bytes_for_ms(10)
+        ) as stream:
+            for _ in range(int(seconds * 100)):
+                chunks.append(stream.read(S16.bytes_for_ms(10)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, chunks
+
+
+def analyse(pcm: bytes) -> tuple[float, float, float]:
+    samples = decode_mono(pcm, S16)
+    peak = max((abs(x) for x in samples), default=0.0)
+    if peak < 0.01:
+        return 0.0, 0.0, peak
+    return estimate_frequency(samples, 48000), nonsilent_fraction(samples, 48000), peak
+
+
+def sink_inputs(host: PulseAudioServer) -> list[Any]:
+    with pulsectl.Pulse("test", server=host.server) as pulse:
+        return list(pulse.sink_input_list())
+
+
+def test_allowed_vm_plays_as_its_own_named_stream(dom0: Dom0) -> None:
+    work = dom0.guest("work")
+    work.offer(S16)
+    assert work.wait_for(lambda e: isinstance(e, FormatAccept)) == FormatAccept(
+        work.received(FormatAccept)[0][1].stream,
+        S16,  # type: ignore[attr-defined]
+    )
+    recorder, recorded = record_host(dom0.host, 3.0)
+    time.sleep(0.3)
+    work.stream_pcm(generate_sine(440, S16, 2.0, amplitude=0.5), S16).join()
+    names = {si.proplist.get("application.name") for si in sink_inputs(dom0.host)}
+    assert "work" in names
+    (work_input,) = [si for si in sink_inputs(dom0.host) if si.proplist.get("qvaudio.vm") == "work"]
+    assert work_input.proplist.get("media.name") == "work playback"
+    assert work_input.proplist.get("application.icon_name") == "qvaudio-vm"
+    recorder.join()
+    freq, coverage, _ = analyse(b"".join(recorded))
+    assert abs(freq - 440) / 440 < 0.005, f"frequency {freq}"
+    assert coverage >= 0.99, f"non-silent {coverage}"
+
+
+def test_volume_cap_is_measured_on_the_host(dom0: Dom0) -> None:
+    quiet = dom0.guest("quiet")
+    quiet.offer(S16)
+    quiet.wait_for(lambda e: isinstance(e, FormatAccept))
+    recorder, recorded = record_host(dom0.host, 2.5)
+    time.sleep(0.3)
+    quiet.stream_pcm(generate_sine(440, S16, 1.5, amplitude=0.8), S16).join()
+    recorder.join()
+    freq, _, peak = analyse(b"".join(recorded))
+    assert abs(freq - 440) / 440 < 0.005
+    # 0.8 full scale capped at 50 % reaches the mixer at 0.4.
+    assert 0.38 < peak < 0.42, f"peak {peak}"
+
+
+def test_denied_vm_is_refused_and_silent_while_others_play(dom0: Dom0) -> None:
+    blocked = dom0.guest("blocked")
+    blocked.offer(S16)
+    refusal = blocked.wait_for(lambda e: isinstance(e, FormatRefuse))
+    assert "playback deny by" in refusal.reason  # type: ignore[attr-defined]
+    assert "50-test.yaml:" in refusal.reason  # type: ignore[attr-defined]
+    assert not [si for si in sink_inputs(dom0.host) if si.proplist.get("qvaudio.vm") == "blocked"]
+    status = dom0.status()["vms"]["blocked"]
+    assert status["playback"]["decision"] == "deny"
+
+
+def test_live_policy_edit_stops_playback_and_invalid_edit_keeps_last_good(dom0: Dom0) -> None:
+    work = dom0.guest("work")
+    work.offer(S16)
+    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    write_policy(dom0.policy_dir, "rules:\n  - vm: work\n    playback: [not, valid]\n")
+    time.sleep(0.5)
+    status = dom0.status()
+    assert status["policy"]["problems"], "the broken edit is reported"
+    assert "50-test.yaml:3" in status["policy"]["problems"][0]
+    assert status["vms"]["work"]["playback"]["decision"] == "allow", "last good policy kept"
+    write_policy(
+        dom0.policy_dir,
+        POLICY.replace(
+            "    playback: allow\n    capture: attach", "    playback: deny\n    capture: attach", 1
+        ),
+    )
+    stopped = work.wait_for(lambda e: isinstance(e, PlaybackState))
+    assert stopped.status is StreamStatus.DENIED  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 3
+    while [si for si in sink_inputs(dom0.host) if si.proplist.get("qvaudio.vm") == "work"]:
+        assert time.monotonic() < deadline, "work's host stream was not removed"
+        time.sleep(0.05)
+
+
+def play_into_host(host: PulseAudioServer, seconds: float) -> threading.Thread:
+    """A tone into the host's sink, whose monitor is the host's default source (the 'mic')."""
+
+    def run() -> None:
+        tone = generate_sine(1000, S16, seconds, amplitude=0.5)
+        with PcmStream.playback(
+            host.server, NULL_SINK, S16, "mic", "mic", S16.bytes_for_ms(50)
+        ) as s:
+            for i in range(0, len(tone), S16.bytes_for_ms(10)):
+                s.write(tone[i : i + S16.bytes_for_ms(10)])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def record_streams(host: PulseAudioServer, vm: str) -> list[Any]:
+    with pulsectl.Pulse("test", server=host.server) as pulse:
+        return [so for so in pulse.source_output_list() if so.proplist.get("qvaudio.vm") == vm]
+
+
+def test_microphone_needs_policy_and_request_and_detach_revokes(dom0: Dom0) -> None:
+    with pulsectl.Pulse("test", server=dom0.host.server) as pulse:
+        pulse.source_default_set(f"{NULL_SINK}.monitor")
+    work = dom0.guest("work")
+    work.offer(S16, capture=MONO)
+    work.wait_for(lambda e: isinstance(e, FormatAccept) and e.stream.name == "CAPTURE")
+    work.send(CaptureRequest(True))
+    refused = work.wait_for(lambda e: isinstance(e, CaptureState))
+    assert refused.status is StreamStatus.DENIED  # type: ignore[attr-defined]
+    assert "qvaudio mic attach work" in refused.reason  # type: ignore[attr-defined]
+    assert not record_streams(dom0.host, "work"), "no host record stream before permission"
+
+    player = play_into_host(dom0.host, 3.0)
+    reply = request(dom0.control, {"cmd": "mic", "action": "attach", "vm": "work"})
+    assert reply["ok"], reply
+    work.wait_for(lambda e: isinstance(e, CaptureState) and e.status is StreamStatus.RUNNING)
+    work.wait_for(lambda e: isinstance(e, CaptureData), timeout=5)
+    time.sleep(1.0)
+    assert record_streams(dom0.host, "work")
+    mark = work.mark()
+    before = time.monotonic()
+    reply = request(dom0.control, {"cmd": "mic", "action": "detach", "vm": "work"})
+    assert reply["ok"] and not reply["attached"]
+    revoked = work.wait_for(
+        lambda e: isinstance(e, CaptureState) and e.status is StreamStatus.DENIED, after=mark
+    )
+    revoked_at = next(t for t, e in work.events if e is revoked)
+    assert revoked_at - before < 0.1, f"revocation took {revoked_at - before:.3f} s"
+    time.sleep(0.5)
+    later = [t for t, _ in work.received(CaptureData) if t > revoked_at]
+    assert later == [], "no microphone sample after revocation"
+    player.join()
+    samples = decode_mono(work.capture_pcm(), MONO)
+    assert abs(estimate_frequency(samples, 48000) - 1000) / 1000 < 0.005
+    deadline = time.monotonic() + 2
+    while record_streams(dom0.host, "work"):
+        assert time.monotonic() < deadline, "the host record stream outlived revocation"
+        time.sleep(0.05)
+
+
+def test_mic_attach_refused_when_policy_does_not_say_attach_on_request(dom0: Dom0) -> None:
+    dom0.guest("other")
+    reply = request(dom0.control, {"cmd": "mic", "action": "attach", "vm": "other"})
+    assert not reply["ok"] and "denied" in reply["error"]
+    out = subprocess.run(
+        [sys.executable, "-m", "qvaudio.cli", "--control-socket", str(dom0.control),
+         "mic", "attach", "nosuchvm"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1 and "no running VM named 'nosuchvm'" in out.stderr
+
+
+def test_hostile_guest_is_cut_off_alone(dom0: Dom0) -> None:
+    work = dom0.guest("work")
+    work.offer(S16)
+    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    recorder, recorded = record_host(dom0.host, 3.0)
+    time.sleep(0.3)
+    player = work.stream_pcm(generate_sine(440, S16, 2.0, amplitude=0.5), S16)
+    evil = dom0.guest("evil")
+    evil.send_raw(b"\x20\x00\xff\xff" + b"\0" * 100)  # oversized PCM before any format
+    goodbye = evil.wait_for(lambda e: isinstance(e, Goodbye))
+    assert goodbye.code.name == "PROTOCOL_ERROR"  # type: ignore[attr-defined]
+    assert "exceeds 65532" in goodbye.reason  # type: ignore[attr-defined]
+    assert evil.closed_by_peer.wait(2)
+    player.join()
+    recorder.join()
+    freq, coverage, _ = analyse(b"".join(recorded))
+    assert abs(freq - 440) / 440 < 0.005 and coverage >= 0.99, (freq, coverage)
+    assert "evil: cut off: protocol error" in dom0.log_text()
+    assert dom0.proc is not None and dom0.proc.poll() is None
+
+
+def test_status_command_lists_vms(dom0: Dom0) -> None:
+    work = dom0.guest("work")
+    work.offer(S16)
+    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    out = subprocess.run(
+        [sys.executable, "-m", "qvaudio.cli", "--control-socket", str(dom0.control),
+         "status", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    status = json.loads(out.stdout)
+    vm = status["vms"]["work"]
+    assert vm["state"] == "open" and vm["transport"] == f"unix:{dom0.vm_dir / 'work'}"
+    assert vm["playback"]["format"] == "s16le 48000 Hz 2 ch"
+    text = subprocess.run(
+        [sys.executable, "-m", "qvaudio.cli", "--control-socket", str(dom0.control), "status"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "work: open via unix:" in text and "playback: allow" in text
+    assert (dom0.control.stat().st_mode & 0o777) == 0o600
+
+
+def test_guest_restart_reconnects(dom0: Dom0) -> None:
+    work = dom0.guest("work")
+    work.close()
+    again = dom0.guest("work")
+    again.offer(S16)
+    again.wait_for(lambda e: isinstance(e, FormatAccept))
+    assert dom0.status()["vms"]["work"]["state"] == "open"
