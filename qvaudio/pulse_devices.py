@@ -184,11 +184,13 @@ def _still_there(pulse: Pulse, names: set[str]) -> list[str]:
 
 
 def get_default_sink(pulse: Pulse) -> str:
-    return str(pulse.server_info().default_sink_name)
+    """The default sink's name; "" when the server has none."""
+    return str(pulse.server_info().default_sink_name or "")
 
 
 def get_default_source(pulse: Pulse) -> str:
-    return str(pulse.server_info().default_source_name)
+    """The default source's name; "" when the server has none."""
+    return str(pulse.server_info().default_source_name or "")
 
 
 def set_default_sink(pulse: Pulse, name: str) -> None:

@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 from types import TracebackType
 from typing import Any, Final, Self
@@ -344,7 +344,8 @@ class PcmStream:
     def __del__(self) -> None:
         # A forgotten stream would otherwise keep its server connection forever.
         if getattr(self, "_closed", True) is False and self._busy == 0:
-            self.close()
+            with suppress(Exception):  # at interpreter exit the library may be gone
+                self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
