@@ -427,7 +427,7 @@ class Dom0Agent:
                     link.outbox += data
                 case Play(pcm=pcm):
                     if link.playback is not None:
-                        link.playback.put(pcm)
+                        link.playback.put(pcm, link.session.playback_queue_limit())
                 case StartPlayback(format=fmt, initial_volume=volume):
                     self._close_host(link.playback)
                     link.playback = HostPlayback(
@@ -569,6 +569,7 @@ class Dom0Agent:
                 entry.update(link.session.status())
                 entry["connected_s"] = round(now - link.connected_at, 1)
                 if link.playback is not None:
+                    entry["playback"]["late_drops"] = link.playback.late_drops
                     entry["playback"]["queued_ms"] = round(
                         link.playback.queued_bytes * 1000 / link.playback.format.bytes_per_second, 1
                     )

@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--speakers", action="store_true", help="play to your own audio server so you hear it"
     )
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the tone")
+    demo.add_argument(
+        "--keep-recording",
+        metavar="FILE",
+        help="save what reached dom0's sink (raw s16le 48 kHz stereo) for a closer look",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -74,6 +74,7 @@ class HostPlayback:
         self.played_bytes = 0
         self.latency_us = 0
         self.underruns = 0
+        self.late_drops = 0
         self.last_write = time.monotonic()
         self.open_failures = 0
         self._thread = threading.Thread(target=self._run, name=f"play-{vm_name}", daemon=True)
@@ -94,10 +95,20 @@ class HostPlayback:
             self._queued == 0 or time.monotonic() - self.last_write < 0.5
         )
 
-    def put(self, pcm: bytes) -> None:
+    def put(self, pcm: bytes, limit: int) -> None:
+        """Queue `pcm`, dropping the oldest audio beyond `limit` bytes.
+
+        After the host stalls (a server restart, a sink waking up) the guest
+        has a backlog; dropping what is too late keeps latency where it was
+        set instead of adding the stall to it for ever.
+        """
         with self._cond:
             self._queue.append(pcm)
             self._queued += len(pcm)
+            while self._queued > limit and len(self._queue) > 1:
+                dropped = self._queue.popleft()
+                self._queued -= len(dropped)
+                self.late_drops += 1
             self._cond.notify()
 
     def stop(self) -> None:

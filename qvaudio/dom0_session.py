@@ -143,15 +143,19 @@ class Limits:
     partial_frame_timeout: float = 5.0
     control_frames_per_second: float = 50.0
     control_burst: float = 200.0
-    #: Audio pushed faster than real time is throttled by not reading; a guest
-    #: still doing so after this long, while the host plays normally, is flooding.
-    flood_grace: float = 3.0
+    #: Audio is read at most this many times real time. Faster than real time
+    #: lets a guest's backlog (after a host stall, say) drain; anything beyond is
+    #: throttled by not reading, and a guest still pushing after `flood_grace`
+    #: seconds, while the host plays normally, is flooding.
+    read_rate_factor: float = 2.0
+    flood_grace: float = 5.0
     #: A guest whose microphone ring stays full this long is not reading it.
     capture_stall_timeout: float = 5.0
     position_interval: float = 0.25
     idle_position_interval: float = 1.0
-    #: Audio buffered in dom0 for the host stream, per VM.
-    playback_queue_ms: int = 120
+    #: Audio buffered in dom0 for the host stream, per VM. Beyond it the oldest
+    #: audio is dropped: late audio is worse than a skip, and memory stays bounded.
+    playback_queue_ms: int = 60
     #: Read rate for audio that goes nowhere (playback denied or not agreed):
     #: enough to drain a legitimate guest's in-flight audio, bounded for a flood.
     discard_bytes_per_second: int = 48000 * 8 * 4
@@ -236,6 +240,7 @@ class VmSession:
             self.limits.control_burst,
             now,
         )
+        self._pcm_tokens: _TokenBucket | None = None
         self._discard = _TokenBucket(
             self.limits.discard_bytes_per_second,
             self.limits.discard_bytes_per_second / 5,
@@ -287,11 +292,16 @@ class VmSession:
         ):
             # Handshake and negotiation frames are small; PCM can't come yet.
             return 4096
-        if self.playback_active:
-            # Nothing while the queue is full: control frames queue behind the
-            # PCM in the same byte stream anyway, and reading "just a little"
-            # would let a flooding guest creep the queue past its bound.
-            return max(self.playback_queue_limit() - queued_bytes, 0)
+        fmt = self.playback_format
+        if self.playback_active and fmt is not None:
+            # Paced by a token bucket, not by the host queue: the queue drops
+            # its oldest audio when full, so a backlog drains and latency
+            # recovers, while reading stays bounded at a multiple of real time.
+            if self._pcm_tokens is None:
+                rate = fmt.bytes_per_second * self.limits.read_rate_factor
+                self._pcm_tokens = _TokenBucket(rate, rate / 5, rate / 5, now)
+            self._pcm_tokens.refill(now)
+            return max(int(self._pcm_tokens.tokens), 0)
         self._discard.refill(now)
         return max(int(self._discard.tokens), 64)
 
@@ -532,6 +542,8 @@ class VmSession:
             self.counters.bytes_discarded += len(pcm)
             return []
         self.counters.bytes_received += len(pcm)
+        if self._pcm_tokens is not None:
+            self._pcm_tokens.tokens -= len(pcm)
         return [Play(apply_gain(pcm, fmt, self.gain))]
 
     # -- reconciling state with policy ---------------------------------------------------
@@ -541,6 +553,7 @@ class VmSession:
         cap = settings.volume_max.value
         initial = 1.0 if cap == 0 else min(1.0, settings.volume_default.value / cap)
         self.playback_active = True
+        self._pcm_tokens = None
         return [StartPlayback(fmt, initial)]
 
     def _stop_playback(self, reason: str) -> list[Action]:

@@ -287,15 +287,19 @@ def test_control_frame_flood_is_cut_off() -> None:
     assert_cut_off(h, GoodbyeCode.RATE_EXCEEDED, "control frames per second")
 
 
-def test_audio_faster_than_real_time_is_throttled_then_cut_off() -> None:
+def test_audio_is_read_at_most_twice_real_time_and_a_flood_is_cut_off() -> None:
     h = Harness(ALLOW_ALL)
     h.negotiate(capture=None)
-    assert h.session.read_budget(h.now, queued_bytes=0) == S16.bytes_for_ms(120)
-    assert h.session.read_budget(h.now, queued_bytes=S16.bytes_for_ms(120)) == 0
-    for step in range(29):  # 2.8 s of backlog: still within the grace period
+    burst = h.session.read_budget(h.now, queued_bytes=0)
+    assert burst == S16.bytes_per_second * 2 // 5  # 200 ms of tokens at 2x real time
+    h.send(*[PlaybackData(tone(S16, frames=4800)) for _ in range(4)])  # 400 ms at once
+    assert h.session.read_budget(h.now, queued_bytes=0) == 0, "out of tokens: throttled"
+    refilled = h.session.read_budget(h.now + 0.1, queued_bytes=0)
+    assert refilled == pytest.approx(S16.bytes_per_second * 2 // 10, abs=2)
+    for step in range(49):  # 4.8 s of backlog: still within the grace period
         h.run(h.session.note_backlog(h.now + step * 0.1, guest_has_more=True, host_consuming=True))
     assert not h.session.closed
-    h.run(h.session.note_backlog(h.now + 3.1, guest_has_more=True, host_consuming=True))
+    h.run(h.session.note_backlog(h.now + 5.1, guest_has_more=True, host_consuming=True))
     assert_cut_off(h, GoodbyeCode.RATE_EXCEEDED, "faster than real time")
 
 
