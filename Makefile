@@ -34,7 +34,8 @@ demo: venv
 	$(VENV)/bin/qvaudio demo
 
 bench: venv
-	$(VPY) -m bench.run
+	$(VPY) -m bench.transport_bench
+	$(VPY) -m bench.protocol_bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
