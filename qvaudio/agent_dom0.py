@@ -42,6 +42,7 @@ from qvaudio.dom0_discovery import (
 from qvaudio.dom0_host import HostCapture, HostPlayback
 from qvaudio.dom0_session import (
     Action,
+    Backoff,
     Disconnect,
     Log,
     Notify,
@@ -69,32 +70,6 @@ log = logging.getLogger("qvaudio.dom0")
 MAX_OUTBOX = 256 * 1024
 READ_CHUNK = 65536
 DISCOVERY_INTERVAL = 0.5
-#: A session that lasted this long was healthy: reconnect quickly after it.
-HEALTHY_SESSION = 10.0
-
-
-@dataclass
-class Backoff:
-    """When the agent may next try a VM, and how long it waits after that."""
-
-    next_attempt: float = 0.0
-    delay: float = 0.25
-    epoch: object = None
-    misbehaved: bool = False
-
-    def failed(self, now: float) -> None:
-        self.next_attempt = now + self.delay
-        self.delay = min(self.delay * 2, 5.0)
-
-    def ended(self, now: float, lasted: float, code: GoodbyeCode | None) -> None:
-        self.misbehaved = code not in (None, GoodbyeCode.NORMAL, GoodbyeCode.SHUTDOWN)
-        if self.misbehaved:
-            # A guest that was cut off waits, longer each time: reconnecting
-            # in a loop gains it nothing but a longer wait.
-            self.delay = max(5.0, min(self.delay * 2, 60.0))
-        elif lasted > HEALTHY_SESSION:
-            self.delay = 0.25
-        self.next_attempt = now + (self.delay if self.misbehaved else 0.1)
 
 
 @dataclass
@@ -496,7 +471,16 @@ class Dom0Agent:
         link.playback = link.capture = None
         link.stream.close()
         now = time.monotonic()
-        self.backoff.setdefault(link.name, Backoff()).ended(now, now - link.connected_at, code)
+        backoff = self.backoff.setdefault(link.name, Backoff())
+        was_looping = backoff.looping
+        backoff.ended(now, now - link.connected_at, code)
+        if backoff.looping and not was_looping:
+            log.warning(
+                "%s: reconnecting in a loop (%d short sessions): next attempt in %.0f s",
+                link.name,
+                len(backoff.short_sessions),
+                backoff.next_attempt - now,
+            )
 
     def _shutdown(self) -> None:
         log.info("stopping: saying goodbye to %d VMs", len(self.links))

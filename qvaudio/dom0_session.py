@@ -19,9 +19,10 @@ lives here so it can be tested byte by byte:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qvaudio.connection import Connection, ConnectionState
 from qvaudio.formats import AudioFormat
@@ -198,6 +199,59 @@ class _HostView:
     played_frames: int = 0
     playback_latency_us: int = 0
     capture_latency_us: int = 0
+
+
+# --- reconnecting -------------------------------------------------------------------
+
+#: A session that lasted this long was healthy: reconnect quickly after it.
+HEALTHY_SESSION = 10.0
+#: Sessions shorter than this count towards "reconnecting in a loop".
+SHORT_SESSION = 1.0
+LOOP_WINDOW = 30.0
+LOOP_SESSIONS = 10
+
+
+@dataclass
+class Backoff:
+    """When dom0 may next connect to a VM. Pure: time is an argument.
+
+    A guest that was cut off, or whose sessions keep ending within a second
+    (ten in thirty seconds: reconnecting in a loop), waits at least 5 s,
+    doubling to a minute; reconnecting gains it nothing but a longer wait,
+    and costs dom0 next to nothing. A healthy guest (agent restarted, VM
+    resumed) is reconnected at once.
+    """
+
+    next_attempt: float = 0.0
+    delay: float = 0.25
+    epoch: object = None
+    misbehaved: bool = False
+    short_sessions: collections.deque[float] = field(default_factory=collections.deque)
+
+    @property
+    def looping(self) -> bool:
+        return len(self.short_sessions) >= LOOP_SESSIONS
+
+    def failed(self, now: float) -> None:
+        """A connection attempt failed (nobody listening yet)."""
+        self.next_attempt = now + self.delay
+        self.delay = min(self.delay * 2, 5.0)
+
+    def ended(self, now: float, lasted: float, code: GoodbyeCode | None) -> None:
+        """A session ended after `lasted` seconds; `code` if dom0 cut it off."""
+        if lasted < SHORT_SESSION:
+            self.short_sessions.append(now)
+        while self.short_sessions and now - self.short_sessions[0] > LOOP_WINDOW:
+            self.short_sessions.popleft()
+        cut_off = code not in (None, GoodbyeCode.NORMAL, GoodbyeCode.SHUTDOWN)
+        self.misbehaved = cut_off or self.looping
+        if self.misbehaved:
+            self.delay = max(5.0, min(self.delay * 2, 60.0))
+            self.next_attempt = now + self.delay
+            return
+        if lasted > HEALTHY_SESSION:
+            self.delay = 0.25
+        self.next_attempt = now + 0.1
 
 
 # --- the session ------------------------------------------------------------------
@@ -699,6 +753,7 @@ def _clip(reason: str) -> str:
 
 __all__ = [
     "Action",
+    "Backoff",
     "Disconnect",
     "Limits",
     "Log",

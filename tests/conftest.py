@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.audio_daemons", "tests.xenstored"]
+pytest_plugins = ["tests.audio_daemons", "tests.xenstored", "tests.dom0_harness"]

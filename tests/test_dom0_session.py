@@ -10,6 +10,7 @@ import pytest
 from qvaudio.connection import Connection
 from qvaudio.dom0_session import (
     Action,
+    Backoff,
     Disconnect,
     Limits,
     Log,
@@ -365,3 +366,38 @@ def test_limits_are_configurable() -> None:
     h = Harness(ALLOW_ALL, limits=Limits(handshake_timeout=1.0))
     h.run(h.session.tick(h.now + 1.5))
     assert_cut_off(h, GoodbyeCode.TIMEOUT, "no hello within 1 s")
+
+
+def test_backoff_reconnects_healthy_guests_at_once() -> None:
+    backoff = Backoff()
+    backoff.ended(100.0, lasted=60.0, code=None)
+    assert backoff.next_attempt == pytest.approx(100.1) and not backoff.misbehaved
+    backoff.failed(101.0)
+    backoff.failed(101.5)
+    assert backoff.next_attempt == pytest.approx(102.0)  # 0.25 then 0.5 s
+
+
+def test_backoff_after_a_cut_off_grows() -> None:
+    backoff = Backoff()
+    backoff.ended(100.0, lasted=3.0, code=GoodbyeCode.PROTOCOL_ERROR)
+    assert backoff.misbehaved and backoff.next_attempt == 105.0
+    backoff.ended(106.0, lasted=3.0, code=GoodbyeCode.RATE_EXCEEDED)
+    assert backoff.next_attempt == 116.0
+    for _ in range(10):
+        backoff.ended(200.0, lasted=3.0, code=GoodbyeCode.PROTOCOL_ERROR)
+    assert backoff.delay == 60.0
+
+
+def test_backoff_notices_a_reconnect_loop() -> None:
+    backoff = Backoff()
+    now = 100.0
+    for _ in range(9):
+        backoff.ended(now, lasted=0.05, code=None)
+        now += 0.2
+    assert not backoff.looping and backoff.next_attempt == pytest.approx(now - 0.2 + 0.1)
+    backoff.ended(now, lasted=0.05, code=None)
+    assert backoff.looping and backoff.misbehaved
+    assert backoff.next_attempt == pytest.approx(now + 5.0)
+    # Thirty quiet seconds later the loop is forgiven.
+    backoff.ended(now + 40, lasted=0.05, code=None)
+    assert not backoff.looping

@@ -1,0 +1,180 @@
+"""Running qvaudio-dom0 as a process for tests: its host PulseAudio, policy
+dir, VM socket dir and scripted guests (tests/fake_guest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pulsectl
+import pytest
+
+from qvaudio.control import request
+from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.pulse_pcm import PcmStream
+from qvaudio.tone import decode_mono, estimate_frequency, generate_sine, nonsilent_fraction
+from tests.audio_daemons import NULL_SINK, PulseAudioServer
+from tests.fake_guest import FakeGuest
+
+S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
+MONO = AudioFormat(48000, SampleFormat.S16LE, 1)
+
+POLICY = """\
+rules:
+  - vm: work
+    playback: allow
+    capture: attach-on-request
+  - vm: quiet
+    playback: allow
+    volume: {default: 50, max: 50}
+  - vm: open-mic
+    playback: allow
+    capture: allow
+  - vm: blocked
+    playback: deny
+  - vm: '*'
+    playback: allow
+    capture: deny
+"""
+
+
+def write_policy(directory: Path, text: str, name: str = "50-test.yaml") -> None:
+    # Atomic, as an editor (or `qvaudio policy set`) would save it.
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, directory / name)
+
+
+class Dom0:
+    """A running qvaudio-dom0 with its host server, policy dir and VM socket dir."""
+
+    def __init__(self, base: Path, host: PulseAudioServer) -> None:
+        self.base = base
+        self.host = host
+        self.vm_dir = base / "vms"
+        self.policy_dir = base / "policy"
+        self.control = base / "control.sock"
+        self.log = base / "dom0.log"
+        for d in (self.vm_dir, self.policy_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+        write_policy(self.policy_dir, POLICY)
+        self.guests: list[FakeGuest] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = self.host.full_env()
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "qvaudio.agent_dom0",
+                    "--transport", f"unix:{self.vm_dir}",
+                    "--policy-dir", str(self.policy_dir),
+                    "--control-socket", str(self.control),
+                    "--no-notifications", "-v",
+                ],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not self.control.exists():
+            assert self.proc.poll() is None, f"qvaudio-dom0 exited:\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"no control socket:\n{self.log_text()}"
+            time.sleep(0.05)
+
+    def guest(self, name: str, **kwargs: Any) -> FakeGuest:
+        guest = FakeGuest(self.vm_dir / name, **kwargs)
+        self.guests.append(guest)
+        assert guest.connected.wait(5), f"dom0 never connected to {name}:\n{self.log_text()}"
+        return guest
+
+    def status(self) -> dict[str, Any]:
+        return request(self.control, {"cmd": "status"})
+
+    def log_text(self, tail: int | None = 6000) -> str:
+        text = self.log.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
+
+    def stop(self) -> int | None:
+        for guest in self.guests:
+            guest.close()
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+
+@pytest.fixture(scope="module")
+def host(make_pulse_server: Callable[[str], PulseAudioServer]) -> PulseAudioServer:
+    return make_pulse_server("dom0-host")
+
+
+@pytest.fixture
+def dom0(tmp_path: Path, host: PulseAudioServer) -> Iterator[Dom0]:
+    host.ensure_running()
+    agent = Dom0(tmp_path, host)
+    agent.start()
+    yield agent
+    code = agent.stop()
+    assert code == 0, f"qvaudio-dom0 did not stop cleanly ({code}):\n{agent.log_text()}"
+
+
+def record_host(host: PulseAudioServer, seconds: float) -> tuple[threading.Thread, list[bytes]]:
+    """Record the host's sink monitor (what the user would hear) in the background."""
+    chunks: list[bytes] = []
+
+    def run() -> None:
+        with PcmStream.record(
+            host.server, f"{NULL_SINK}.monitor", S16, "test", "listen", S16.bytes_for_ms(10)
+        ) as stream:
+            for _ in range(int(seconds * 100)):
+                chunks.append(stream.read(S16.bytes_for_ms(10)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, chunks
+
+
+def analyse(pcm: bytes) -> tuple[float, float, float]:
+    samples = decode_mono(pcm, S16)
+    peak = max((abs(x) for x in samples), default=0.0)
+    if peak < 0.01:
+        return 0.0, 0.0, peak
+    return estimate_frequency(samples, 48000), nonsilent_fraction(samples, 48000), peak
+
+
+def sink_inputs(host: PulseAudioServer) -> list[Any]:
+    with pulsectl.Pulse("test", server=host.server) as pulse:
+        return list(pulse.sink_input_list())
+
+
+def play_into_host(host: PulseAudioServer, seconds: float) -> threading.Thread:
+    """A tone into the host's sink, whose monitor is the host's default source (the 'mic')."""
+
+    def run() -> None:
+        tone = generate_sine(1000, S16, seconds, amplitude=0.5)
+        with PcmStream.playback(
+            host.server, NULL_SINK, S16, "mic", "mic", S16.bytes_for_ms(50)
+        ) as s:
+            for i in range(0, len(tone), S16.bytes_for_ms(10)):
+                s.write(tone[i : i + S16.bytes_for_ms(10)])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def record_streams(host: PulseAudioServer, vm: str) -> list[Any]:
+    with pulsectl.Pulse("test", server=host.server) as pulse:
+        return [so for so in pulse.source_output_list() if so.proplist.get("qvaudio.vm") == vm]
