@@ -115,6 +115,7 @@ class GuestSession:
         self.bytes_sent = 0
         self.frames_sent = 0
         self.last_position: Position | None = None
+        self._sent_at_position = 0
         self._last_heard = now
         self._last_sound = now
         self._mic_refusal_told = False
@@ -144,7 +145,10 @@ class GuestSession:
         fmt, position = self.playback_format, self.last_position
         if fmt is None or position is None:
             return None
-        in_flight = max(0, self.frames_sent - position.received_frames)
+        # In flight when dom0 reported, not now: what was sent since its
+        # report is unknown to it, and counting it would inflate the figure
+        # by up to a whole report interval.
+        in_flight = max(0, self._sent_at_position - position.received_frames)
         return local_us + in_flight * 1_000_000 // fmt.rate + position.playback_latency_us
 
     # -- inputs --------------------------------------------------------------------------
@@ -198,6 +202,17 @@ class GuestSession:
         self.bytes_sent += len(pcm)
         self.frames_sent += len(pcm) // fmt.frame_size
         return actions
+
+    def forget_unsent(self, pcm_bytes: int) -> None:
+        """The shell dropped this much PCM before it reached the transport.
+
+        It never arrives at dom0, so it must not count as in flight.
+        """
+        fmt = self.playback_format
+        if fmt is None:
+            return
+        self.bytes_sent = max(0, self.bytes_sent - pcm_bytes)
+        self.frames_sent = max(0, self.frames_sent - pcm_bytes // fmt.frame_size)
 
     def nothing_playing(self, now: float) -> list[Action]:
         """The shell saw the sink go idle (no application plays): cork at once."""
@@ -275,6 +290,7 @@ class GuestSession:
                 return [MicAudio(pcm)]
             case Position():
                 self.last_position = event
+                self._sent_at_position = self.frames_sent
                 return []
             case Goodbye(code=code, reason=reason):
                 return self._close(f"dom0 said goodbye ({code.name.lower()}: {reason})", None)
@@ -304,3 +320,34 @@ class GuestSession:
             actions.append(Send(goodbye))
         actions.append(Disconnect(reason))
         return actions
+
+
+class LatencyReport:
+    """When the end-to-end latency is worth a log line.
+
+    Every `every` seconds, or at once when it moved by more than `change_us`
+    since the last line: steady figures stay quiet, a jump is news.
+    """
+
+    def __init__(self, every: float = 30.0, change_us: int = 20_000) -> None:
+        self.every = every
+        self.change_us = change_us
+        self._last_value: int | None = None
+        self._last_time = 0.0
+
+    def due(self, latency_us: int | None, now: float) -> bool:
+        if latency_us is None:
+            return False
+        if (
+            self._last_value is None
+            or abs(latency_us - self._last_value) > self.change_us
+            or now - self._last_time >= self.every
+        ):
+            self._last_value = latency_us
+            self._last_time = now
+            return True
+        return False
+
+    def reset(self) -> None:
+        """A new connection: its first figure is news."""
+        self._last_value = None

@@ -11,6 +11,7 @@ from qvaudio.guest_session import (
     Disconnect,
     GuestConfig,
     GuestSession,
+    LatencyReport,
     MicAudio,
     MicFormat,
     Notify,
@@ -167,6 +168,9 @@ def test_latency_is_end_to_end() -> None:
     )
     # 480 frames (10 ms) still in flight + 20 ms in dom0 + 5 ms local.
     assert h.session.latency_us(5000) == 35000
+    # Sent after dom0's report: not counted until the next report covers it.
+    h.run(h.session.audio(SOUND, h.now))
+    assert h.session.latency_us(5000) == 35000
 
 
 def test_silent_dom0_means_a_dead_transport() -> None:
@@ -184,3 +188,26 @@ def test_dom0_protocol_error_closes_with_goodbye() -> None:
     assert isinstance(actions[-1], Disconnect)
     assert isinstance(h.to_dom0[-1], Goodbye)
     assert h.to_dom0[-1].code is GoodbyeCode.PROTOCOL_ERROR
+
+
+def test_dropped_pcm_does_not_count_as_in_flight() -> None:
+    h = Harness()
+    h.accept_all()
+    h.run(h.session.audio(SOUND, h.now))
+    sent = h.session.frames_sent
+    assert sent == len(SOUND) // S16.frame_size
+    h.session.forget_unsent(len(SOUND))
+    assert h.session.frames_sent == 0
+    assert h.session.bytes_sent == 0
+
+
+def test_latency_is_logged_on_change_or_every_so_often() -> None:
+    report = LatencyReport(every=30.0, change_us=20_000)
+    assert not report.due(None, 0.0)
+    assert report.due(50_000, 0.0)
+    assert not report.due(60_000, 1.0)  # small move: quiet
+    assert report.due(75_000, 2.0)  # moved > 20 ms since the last line
+    assert not report.due(75_000, 20.0)
+    assert report.due(75_000, 32.0)  # steady, but 30 s passed
+    report.reset()
+    assert report.due(75_000, 33.0)

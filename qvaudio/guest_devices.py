@@ -1,0 +1,308 @@
+"""The guest agent's devices in the VM's audio server, and a thread that watches them.
+
+`GuestDevices` knows what the agent owns (the virtual output and the virtual
+microphone), makes them the defaults, and on exit puts the user's previous
+defaults back. It works on any pulsectl connection it is handed.
+
+`AudioServerWatcher` is the only long-lived pulsectl connection: it creates
+the devices, then listens to the server's events and reports how many
+applications play into the virtual output and record from the virtual
+microphone. When the server goes away (restart, crash) it reconnects with
+back-off and recreates the devices. It reports to the agent's main loop only
+through `post`, never by touching the loop's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import pulsectl
+
+from qvaudio import pulse_devices
+from qvaudio.formats import AudioFormat
+from qvaudio.pulse_devices import Pulse
+
+log = logging.getLogger(__name__)
+
+CLIENT_NAME: Final = "qvaudio-guest"
+FIRST_RETRY_S: Final = 0.2
+MAX_RETRY_S: Final = 5.0
+#: How long `stop` keeps nudging the watcher out of its event wait.
+STOP_TIMEOUT_S: Final = 3.0
+#: For this long after creating the devices, a default moved away from them
+#: is taken back: a session manager starting with the audio server restores
+#: its remembered default a moment later. After it, a change is the user's.
+DEFAULTS_GRACE_S: Final = 5.0
+_EVENT_FACILITIES: Final = ("sink_input", "source_output", "sink", "source", "server")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    sink_name: str
+    sink_description: str
+    source_name: str
+    source_description: str
+    sink_format: AudioFormat
+    source_format: AudioFormat
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Applications playing into the virtual output / recording the virtual microphone."""
+
+    players: int
+    recorders: int
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesReady:
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class UsageChanged:
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLost:
+    reason: str
+
+
+WatcherEvent = DevicesReady | UsageChanged | ServerLost
+
+
+def _runtime_dir() -> Path:
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}") / "qvaudio"
+
+
+class GuestDevices:
+    """Create, find and remove what the agent owns; remember the user's defaults."""
+
+    def __init__(self, spec: DeviceSpec, state_file: Path | None = None) -> None:
+        self.spec = spec
+        # The user's defaults must survive our crash: the next run adopts
+        # devices that are already the defaults and reads them from here.
+        self.state_file = state_file or _runtime_dir() / "guest-defaults.json"
+        self.previous_sink: str | None = None
+        self.previous_source: str | None = None
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return self.spec.sink_name, self.spec.source_name
+
+    def setup(self, pulse: Pulse) -> None:
+        """Create (or adopt) both devices and make them the defaults."""
+        spec = self.spec
+        pulse_devices.ensure_null_sink(
+            pulse, spec.sink_name, spec.sink_description, spec.sink_format
+        )
+        pulse_devices.ensure_virtual_source(
+            pulse, spec.source_name, spec.source_description, spec.source_format
+        )
+        # A latency offset would be set on the sink's active port; a null sink
+        # has no ports, so the configured period is the only knob there is.
+        self._remember_defaults(pulse)
+        pulse_devices.set_default_sink(pulse, spec.sink_name)
+        pulse_devices.set_default_source(pulse, spec.source_name)
+
+    def _remember_defaults(self, pulse: Pulse) -> None:
+        sink = pulse_devices.get_default_sink(pulse)
+        source = pulse_devices.get_default_source(pulse)
+        saved = self._load_saved()
+        self.previous_sink = sink if sink != self.spec.sink_name else saved.get("sink")
+        own_source = (self.spec.source_name, pulse_devices.backing_sink_name(self.spec.source_name))
+        if source in own_source or source.startswith(self.spec.sink_name + "."):
+            self.previous_source = saved.get("source")
+        else:
+            self.previous_source = source
+        self._save({"sink": self.previous_sink, "source": self.previous_source})
+
+    def reclaim_defaults(self, pulse: Pulse) -> bool:
+        """Make our devices the defaults again if something moved them; True if it did."""
+        moved = False
+        if pulse_devices.get_default_sink(pulse) != self.spec.sink_name:
+            pulse_devices.set_default_sink(pulse, self.spec.sink_name)
+            moved = True
+        if pulse_devices.get_default_source(pulse) != self.spec.source_name:
+            pulse_devices.set_default_source(pulse, self.spec.source_name)
+            moved = True
+        return moved
+
+    def teardown(self, pulse: Pulse) -> None:
+        """Give the user back their defaults, then unload our modules."""
+        sinks = {s.name for s in pulse.sink_list()}
+        sources = {s.name for s in pulse.source_list()}
+        previous_sink, previous_source = self.previous_sink, self.previous_source
+        # Only where the default is still ours: a default the user chose
+        # while we ran is theirs to keep.
+        if (
+            pulse_devices.get_default_sink(pulse) == self.spec.sink_name
+            and previous_sink is not None
+            and previous_sink in sinks
+        ):
+            pulse_devices.set_default_sink(pulse, previous_sink)
+            log.info("default sink restored to %s", self.previous_sink)
+        if (
+            pulse_devices.get_default_source(pulse) == self.spec.source_name
+            and previous_source is not None
+            and previous_source in sources
+        ):
+            pulse_devices.set_default_source(pulse, previous_source)
+            log.info("default source restored to %s", self.previous_source)
+        removed = pulse_devices.remove_owned_modules(pulse, self.names)
+        log.info("removed %d module(s) of the virtual devices", removed)
+        self.state_file.unlink(missing_ok=True)
+
+    def present(self, pulse: Pulse) -> bool:
+        sinks = {s.name for s in pulse.sink_list()}
+        sources = {s.name for s in pulse.source_list()}
+        return self.spec.sink_name in sinks and self.spec.source_name in sources
+
+    def usage(self, pulse: Pulse) -> Usage:
+        sink = pulse.get_sink_by_name(self.spec.sink_name)
+        players = sum(1 for si in pulse.sink_input_list() if si.sink == sink.index)
+        recorders = pulse_devices.source_output_count(pulse, self.spec.source_name)
+        return Usage(players, recorders)
+
+    def _load_saved(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.state_file.read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, str)}
+
+    def _save(self, data: dict[str, str | None]) -> None:
+        try:
+            self.state_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data), "utf-8")
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            log.warning("cannot remember the previous defaults in %s: %s", self.state_file, exc)
+
+
+class AudioServerWatcher:
+    """A thread owning a pulsectl connection: devices, usage counts, reconnects."""
+
+    def __init__(
+        self, devices: GuestDevices, server: str | None, post: Callable[[WatcherEvent], None]
+    ) -> None:
+        self.devices = devices
+        self.server = server
+        self._post = post
+        self._stopping = threading.Event()
+        self._pulse: Any = None
+        self._thread = threading.Thread(target=self._run, name="pulse-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread. pulsectl's stop request is lost if it comes between
+        two waits, so it is repeated until the thread has gone."""
+        self._stopping.set()
+        deadline = STOP_TIMEOUT_S
+        while self._thread.is_alive() and deadline > 0:
+            pulse = self._pulse
+            if pulse is not None:
+                pulse.event_listen_stop()
+            self._thread.join(0.05)
+            deadline -= 0.05
+        if self._thread.is_alive():
+            log.warning("the audio server watcher did not stop in time")
+
+    def _run(self) -> None:
+        delay = FIRST_RETRY_S
+        lost_before = False
+        while not self._stopping.is_set():
+            try:
+                with pulse_devices.connect(CLIENT_NAME + "-watch", self.server) as pulse:
+                    self.devices.setup(pulse)
+                    usage = self.devices.usage(pulse)
+                    if lost_before:
+                        log.info("audio server is back: virtual devices recreated")
+                    self._post(DevicesReady(usage))
+                    delay = FIRST_RETRY_S
+                    self._pulse = pulse
+                    self._watch(pulse, usage)
+            except (
+                pulsectl.PulseError,
+                pulsectl.PulseDisconnected,
+                RuntimeError,
+                LookupError,
+                OSError,
+            ) as exc:
+                if self._stopping.is_set():
+                    break
+                reason = str(exc) or "connection lost"
+                if not lost_before or delay == FIRST_RETRY_S:
+                    log.warning("audio server unavailable (%s); retrying", reason)
+                lost_before = True
+                self._post(ServerLost(reason))
+            finally:
+                self._pulse = None
+            if self._stopping.wait(delay):
+                break
+            delay = min(delay * 2, MAX_RETRY_S)
+
+    def _watch(self, pulse: Pulse, usage: Usage) -> None:
+        changed = False
+        grace_until = time.monotonic() + DEFAULTS_GRACE_S
+
+        def on_event(_event: Any) -> None:
+            nonlocal changed
+            changed = True
+            # Stop the listen so the counts can be queried (pulsectl forbids
+            # calls from inside its callbacks); the events themselves only
+            # say that something changed.
+            raise pulsectl.PulseLoopStop
+
+        pulse.event_mask_set(*_EVENT_FACILITIES)
+        pulse.event_callback_set(on_event)
+        while not self._stopping.is_set():
+            in_grace = time.monotonic() < grace_until
+            # Raises PulseDisconnected when the server goes.
+            pulse.event_listen(timeout=DEFAULTS_GRACE_S if in_grace else None)
+            if not changed or self._stopping.is_set():
+                continue
+            changed = False
+            if in_grace and self.devices.reclaim_defaults(pulse):
+                log.info("the default devices were moved at start-up: made ours again")
+            if not self.devices.present(pulse):
+                log.warning("the virtual devices were removed by someone else: recreating them")
+                self.devices.setup(pulse)
+            now = self.devices.usage(pulse)
+            if now != usage:
+                usage = now
+                self._post(UsageChanged(usage))
+
+
+def restart_sink_clock(server: str | None, sink_name: str) -> None:
+    """Make a null sink take up the latency its streams ask for now, not in 2 s.
+
+    An idle PulseAudio null sink renders in blocks of up to 2 s and only
+    reschedules after the current block, so a stream opened on it stalls (a
+    playback stream's writes block, a monitor stream gets its first audio
+    late, in one lump) for up to that long. Suspending and resuming the sink
+    restarts its clock at once with the new, short period. PipeWire needs
+    none of this, and takes it without harm. Best effort: a failure only
+    means the stall.
+    """
+    try:
+        with pulse_devices.connect(CLIENT_NAME + "-clock", server) as pulse:
+            index = pulse.get_sink_by_name(sink_name).index
+            pulse.sink_suspend(index, 1)
+            pulse.sink_suspend(index, 0)
+    except pulsectl.PulseError as exc:
+        log.debug("could not restart the clock of %s: %s", sink_name, exc)

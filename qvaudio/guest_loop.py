@@ -1,0 +1,510 @@
+"""The guest agent's event loop: a thin I/O shell around `GuestSession`.
+
+`GuestSession` makes every protocol decision. The main thread runs one
+`selectors` loop over the transport listener, the connection to dom0, and a
+mailbox that the worker threads post to:
+
+* `AudioServerWatcher` (qvaudio.guest_devices): creates the virtual output
+  and microphone, reports how many applications use them, reconnects to the
+  audio server when it restarts;
+* `MonitorReader` (qvaudio.guest_pcm_threads): records the virtual output's
+  monitor while dom0 takes playback;
+* `MicWriter`: plays dom0's microphone audio into the virtual microphone
+  (open while dom0 is connected, for the same reason as the monitor below).
+
+The monitor is recorded for as long as dom0 takes playback, even while no
+application plays. Opening it only when an application starts was tried and
+loses the start of the sound: a PulseAudio null sink with no low-latency
+reader renders in blocks of up to 2 s, so by the time a new monitor stream
+is connected the application's first ~2 s have already been rendered (and
+were never recorded). With the stream always open the sink keeps running at
+our period. While corked, the reader thread drops the null sink's digital
+silence itself, so an idle VM costs one C-level read per period and no
+wake-up of this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import pulsectl
+
+from qvaudio import pulse_devices
+from qvaudio.config import GuestSettings
+from qvaudio.formats import AudioFormat
+from qvaudio.guest_devices import (
+    AudioServerWatcher,
+    DeviceSpec,
+    DevicesReady,
+    GuestDevices,
+    ServerLost,
+    Usage,
+    UsageChanged,
+)
+from qvaudio.guest_outbox import Outbox
+from qvaudio.guest_pcm_threads import Mailbox, MicWriter, MonitorAudio, MonitorFailed, MonitorReader
+from qvaudio.guest_session import (
+    Action,
+    Disconnect,
+    GuestConfig,
+    GuestSession,
+    LatencyReport,
+    Log,
+    MicAudio,
+    MicFormat,
+    Notify,
+    Send,
+    StartMonitor,
+    StopMonitor,
+)
+from qvaudio.guest_status import StatusFile, default_status_path
+from qvaudio.notify import Notifier
+from qvaudio.pulse_devices import backing_sink_name
+from qvaudio.sdnotify import sd_notify, watchdog_interval
+from qvaudio.transport import Listener, Stream, StreamClosed, TransportError, listen, parse_address
+
+log = logging.getLogger(__name__)
+
+#: How often the connection's liveness is checked.
+TICK_S: Final = 0.5
+#: The status file is rewritten at most this often (and only when it changed).
+STATUS_EVERY_S: Final = 2.0
+#: Audio allowed to wait for a slow transport before the oldest is dropped.
+OUTBOX_AUDIO_MS: Final = 250
+#: After the monitor stream failed on its own (not with the server), try again after this.
+MONITOR_RETRY_S: Final = 1.0
+READS_PER_WAKEUP: Final = 16
+READ_CHUNK: Final = 65536
+THREAD_JOIN_S: Final = 1.0
+
+
+class GuestAgent:
+    def __init__(self, settings: GuestSettings, status_path: Path | None = None) -> None:
+        self.settings = settings
+        self.server = settings.pulse_server or None
+        self.mailbox = Mailbox()
+        self.devices = GuestDevices(
+            DeviceSpec(
+                sink_name=settings.sink_name,
+                sink_description=settings.sink_description,
+                source_name=settings.source_name,
+                source_description=settings.source_description,
+                sink_format=settings.formats[0],
+                source_format=settings.capture_formats[0],
+            )
+        )
+        self.watcher = AudioServerWatcher(self.devices, self.server, self.mailbox.post)
+        self.notifier = Notifier(enabled=True)
+        self.status = StatusFile(status_path or default_status_path())
+        self.selector = selectors.DefaultSelector()
+        self.listener: Listener | None = None
+        self.listener_fd = -1
+        self.stream: Stream | None = None
+        self.stream_events = 0
+        self.session: GuestSession | None = None
+        self.outbox = Outbox(settings.formats[0].bytes_for_ms(OUTBOX_AUDIO_MS))
+        self.monitor: MonitorReader | None = None
+        self.monitor_retry_at = 0.0
+        self.monitor_failures = 0
+        self.mic: MicWriter | None = None
+        self.playback_format: AudioFormat | None = None
+        self.mic_format: AudioFormat | None = None
+        self.devices_ready = False
+        self.usage = Usage(0, 0)
+        self.stopping = False
+        self.told_ready = False
+        self.latency_report = LatencyReport()
+        self.bytes_sent_before = 0  # by earlier connections
+        self.next_tick = 0.0
+        self.next_status = 0.0
+        self.status_dirty = True
+        self.watchdog = watchdog_interval()
+        self.next_watchdog = 0.0
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.listener = listen(parse_address(self.settings.transport))
+        except TransportError as exc:
+            log.error("cannot listen for dom0: %s", exc)
+            return 1
+        log.info("listening for dom0 on %s", self.listener.address)
+        self._register_listener()
+        self.selector.register(self.mailbox.fileno(), selectors.EVENT_READ, "mailbox")
+        self._install_signal_handlers()
+        self.watcher.start()
+        try:
+            while not self.stopping:
+                for key, mask in self.selector.select(self._timeout()):
+                    self._dispatch(key.data, mask)
+                self._periodic(time.monotonic())
+        finally:
+            self._shutdown()
+        return 0
+
+    def _timeout(self) -> float | None:
+        deadlines = []
+        if self.session is not None:
+            deadlines.append(self.next_tick)
+        if self.status_dirty:
+            deadlines.append(self.next_status)
+        if self.monitor_retry_at:
+            deadlines.append(self.monitor_retry_at)
+        if self.watchdog:
+            deadlines.append(self.next_watchdog)
+        if not deadlines:
+            return None  # idle: sleep until something happens
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _dispatch(self, what: str, mask: int) -> None:
+        if what == "mailbox":
+            for message in self.mailbox.drain():
+                self._on_message(message)
+        elif what == "listener":
+            self._accept()
+        elif what == "stream":
+            self._on_stream_ready(mask)
+        self.status_dirty = True
+
+    def _periodic(self, now: float) -> None:
+        if self.session is not None and now >= self.next_tick:
+            self.next_tick = now + TICK_S
+            self._execute(self.session.tick(now))
+        if self.monitor_retry_at and now >= self.monitor_retry_at:
+            self.monitor_retry_at = 0.0
+            self._update_monitor()
+        if self.status_dirty and now >= self.next_status:
+            self.next_status = now + STATUS_EVERY_S
+            self.status_dirty = False
+            self._report_latency(now)
+            self.status.update(self._status())
+        if self.watchdog and now >= self.next_watchdog:
+            self.next_watchdog = now + self.watchdog
+            sd_notify("WATCHDOG=1")
+
+    def _install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        # The handler runs between bytecodes, but select() would go back to
+        # sleep: the signal's byte on the mailbox pipe wakes the loop.
+        signal.set_wakeup_fd(self.mailbox.wakeup_fd, warn_on_full_buffer=False)
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _register_listener(self) -> None:
+        assert self.listener is not None
+        fd = self.listener.fileno()
+        if fd == self.listener_fd:
+            return
+        if self.listener_fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.listener_fd)
+        self.selector.register(fd, selectors.EVENT_READ, "listener")
+        self.listener_fd = fd
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            stream = self.listener.accept()
+        except TransportError as exc:
+            log.warning("accepting dom0 failed: %s", exc)
+            stream = None
+        # A vchan listener publishes a fresh server (a new fd) for the next peer.
+        self._register_listener()
+        if stream is None:
+            return
+        if self.session is not None:
+            self._drop_connection("dom0 connected again: the old connection is replaced")
+        log.info("dom0 connected over %s", stream.address)
+        now = time.monotonic()
+        settings = self.settings
+        self.stream = stream
+        self.session = GuestSession(
+            GuestConfig(
+                playback_formats=settings.formats,
+                capture_formats=settings.capture_formats,
+                idle_timeout=settings.idle_timeout_s,
+            ),
+            now,
+        )
+        self.next_tick = now + TICK_S
+        self.latency_report.reset()
+        self.stream_events = 0
+        self.session.set_mic_users(self.usage.recorders, now)
+        self._execute(self.session.start(now))
+
+    def _on_stream_ready(self, mask: int) -> None:
+        stream, session = self.stream, self.session
+        if stream is None or session is None:
+            return
+        stream.handle_wakeup()
+        try:
+            for _ in range(READS_PER_WAKEUP):
+                data = stream.read(READ_CHUNK)
+                if not data:
+                    break
+                self._execute(session.receive(data, time.monotonic()))
+                if self.session is not session:
+                    return  # the data ended the connection
+        except StreamClosed as exc:
+            self._drop_connection(f"dom0 went away ({exc})")
+            return
+        # Whatever woke us may also have freed space (a vchan says so on read).
+        self._flush()
+
+    def _flush(self) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        try:
+            self.outbox.flush(stream)
+        except StreamClosed as exc:
+            self._drop_connection(f"dom0 went away ({exc})")
+            return
+        events = stream.poll_events(want_write=bool(self.outbox))
+        if events != self.stream_events:
+            if self.stream_events:
+                self.selector.modify(stream.fileno(), events, "stream")
+            else:
+                self.selector.register(stream.fileno(), events, "stream")
+            self.stream_events = events
+
+    def _drop_connection(self, reason: str) -> None:
+        stream, session = self.stream, self.session
+        if stream is not None:
+            if self.stream_events:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(stream.fileno())
+            stream.close()
+        if session is not None:
+            self.bytes_sent_before += session.bytes_sent
+        self.stream = None
+        self.session = None
+        self.stream_events = 0
+        self.outbox.clear()
+        self.playback_format = None
+        self.mic_format = None
+        self._update_monitor()
+        self._update_mic()
+        if not self.stopping:
+            log.warning("connection to dom0 closed: %s; waiting for dom0 to connect again", reason)
+
+    # -- actions from the session ----------------------------------------------------------
+
+    def _execute(self, actions: list[Action]) -> None:
+        disconnect: str | None = None
+        for action in actions:
+            match action:
+                case Send(data=data):
+                    dropped = self.outbox.put(data)
+                    if dropped and self.session is not None:
+                        self.session.forget_unsent(dropped)
+                case StartMonitor(format=fmt):
+                    self.playback_format = fmt
+                    self.outbox.max_audio_bytes = fmt.bytes_for_ms(OUTBOX_AUDIO_MS)
+                    self._update_monitor()
+                case StopMonitor():
+                    self.playback_format = None
+                    self._update_monitor()
+                case MicAudio(pcm=pcm):
+                    if self.mic is not None:
+                        self.mic.put(pcm)
+                case MicFormat(format=fmt):
+                    self.mic_format = fmt
+                    self._update_mic()
+                case Log(level=level, message=message):
+                    log.log(level, "%s", message)
+                case Notify(summary=summary, body=body):
+                    self.notifier.notify(summary, body)
+                case Disconnect(reason=reason):
+                    disconnect = reason
+        self._flush()
+        if disconnect is not None:
+            self._drop_connection(disconnect)
+        if self.monitor is not None and self.session is not None:
+            self.monitor.drop_silence = self.session.conn.corked
+
+    # -- the worker threads ----------------------------------------------------------------
+
+    def _on_message(self, message: object) -> None:
+        now = time.monotonic()
+        match message:
+            case MonitorAudio(reader=reader, pcm=pcm):
+                if reader is self.monitor and self.session is not None:
+                    self.monitor_failures = 0
+                    self._execute(self.session.audio(pcm, now))
+            case MonitorFailed(reader=reader, reason=reason):
+                if reader is self.monitor:
+                    self.monitor_failures += 1
+                    level = logging.WARNING if self.monitor_failures == 1 else logging.DEBUG
+                    log.log(level, "recording the virtual output failed: %s", reason)
+                    self.monitor = None
+                    if self.devices_ready:
+                        self.monitor_retry_at = now + MONITOR_RETRY_S
+            case DevicesReady(usage=usage):
+                self.devices_ready = True
+                self.monitor_failures = 0
+                if not self.told_ready:
+                    self.told_ready = True
+                    sd_notify("READY=1")
+                    log.info(
+                        "ready: applications play into %s and record from %s",
+                        self.settings.sink_name,
+                        self.settings.source_name,
+                    )
+                self._set_usage(usage, now)
+            case UsageChanged(usage=usage):
+                self._set_usage(usage, now)
+            case ServerLost(reason=reason):
+                if self.devices_ready:
+                    log.warning("lost the audio server (%s); reconnecting", reason)
+                self.devices_ready = False
+                self._set_usage(Usage(0, 0), now)
+
+    def _set_usage(self, usage: Usage, now: float) -> None:
+        before, self.usage = self.usage, usage
+        if usage.players != before.players:
+            log.debug("%d application stream(s) play into the virtual output", usage.players)
+        session = self.session
+        if session is not None:
+            if usage.recorders != before.recorders:
+                self._execute(session.set_mic_users(usage.recorders, now))
+            if usage.players == 0 and self.session is session:
+                self._execute(session.nothing_playing(now))
+        self._update_monitor()
+        self._update_mic()
+
+    def _update_monitor(self) -> None:
+        fmt = self.playback_format
+        want = (
+            not self.stopping
+            and self.session is not None
+            and fmt is not None
+            and self.devices_ready
+        )
+        current = self.monitor
+        if current is not None and (not want or current.format != fmt):
+            current.stop()
+            self.monitor = current = None
+        if want and current is None and fmt is not None and not self.monitor_retry_at:
+            self.monitor = MonitorReader(
+                self.mailbox,
+                self.server,
+                self.settings.sink_name,
+                fmt,
+                self.settings.period_ms,
+            )
+
+    def _update_mic(self) -> None:
+        fmt = self.mic_format
+        want = (
+            not self.stopping
+            and self.session is not None
+            and fmt is not None
+            and self.devices_ready
+        )
+        current = self.mic
+        if current is not None and (not want or current.format != fmt):
+            current.stop()
+            self.mic = current = None
+        if want and current is None and fmt is not None:
+            self.mic = MicWriter(
+                self.server,
+                backing_sink_name(self.settings.source_name),
+                fmt,
+                self.settings.period_ms,
+            )
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _local_latency_us(self) -> int:
+        local = 0
+        if self.monitor is not None:
+            local += self.monitor.latency_us() or 0
+        if self.playback_format is not None:
+            local += self.playback_format.duration_us(self.outbox.audio_bytes)
+        return local
+
+    def _report_latency(self, now: float) -> None:
+        session = self.session
+        if session is None or not session.streaming:
+            return
+        latency = session.latency_us(self._local_latency_us())
+        if self.latency_report.due(latency, now):
+            assert latency is not None
+            log.info("end-to-end playback latency %.1f ms", latency / 1000)
+
+    def _status(self) -> dict[str, Any]:
+        session = self.session
+        if not self.devices_ready:
+            state = "no-audio-server"
+        elif session is None:
+            state = "waiting-for-dom0"
+        elif session.streaming:
+            state = "streaming"
+        elif session.conn.corked:
+            state = "idle"
+        else:
+            state = "connected"
+        latency = None
+        if session is not None and session.streaming:
+            latency = session.latency_us(self._local_latency_us())
+        return {
+            "pid": os.getpid(),
+            "state": state,
+            "transport": self.settings.transport,
+            "peer": self.stream.address if self.stream is not None else None,
+            "format": self.playback_format.spec() if self.playback_format else None,
+            "corked": bool(session is not None and session.conn.corked),
+            "latency_us": latency,
+            "bytes_sent": self.bytes_sent_before + (session.bytes_sent if session else 0),
+            "dropped_bytes": self.outbox.dropped_audio_bytes,
+            "players": self.usage.players,
+            "mic": {
+                "users": self.usage.recorders,
+                "state": session.conn.capture_status.name.lower() if session else None,
+                "format": self.mic_format.spec() if self.mic_format else None,
+            },
+        }
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        if self.session is not None:
+            # Best effort: dom0 learns it was a shutdown, not a crash.
+            self._execute(self.session.shutdown("the guest agent is stopping"))
+            self._drop_connection("shutting down")
+        if self.listener is not None:
+            self.listener.close()
+        workers: list[MonitorReader | MicWriter] = [w for w in (self.monitor, self.mic) if w]
+        for worker in workers:
+            worker.stop()
+        self.monitor = self.mic = None
+        self.watcher.stop()
+        for worker in workers:
+            worker.join(THREAD_JOIN_S)
+        try:
+            with pulse_devices.connect("qvaudio-guest-exit", self.server) as pulse:
+                self.devices.teardown(pulse)
+        except (pulsectl.PulseError, RuntimeError, LookupError) as exc:
+            log.warning("could not remove the virtual devices: %s", exc)
+        self.status.remove()
+        self.notifier.close()
+        self.selector.close()
+        signal.set_wakeup_fd(-1)
+        self.mailbox.close()
+        log.info("stopped")

@@ -1,0 +1,246 @@
+"""The guest agent's blocking PCM work, one thread per stream, and how threads reach the loop.
+
+libpulse-simple calls block, so each stream gets a thread: `MonitorReader`
+records the virtual output's monitor and posts each period to the main loop;
+`MicWriter` plays dom0's microphone audio into the virtual microphone's
+backing sink. Threads never touch the loop's state: they `post` to a
+`Mailbox`, which wakes the loop's selector through a pipe.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Final
+
+from qvaudio.formats import AudioFormat
+from qvaudio.guest_devices import restart_sink_clock
+from qvaudio.pulse_pcm import PcmStream, PulseError
+
+log = logging.getLogger(__name__)
+
+APP_NAME: Final = "qvaudio-guest"
+
+
+class Mailbox:
+    """Messages from worker threads to the main loop; `fileno` turns readable on arrival."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    @property
+    def wakeup_fd(self) -> int:
+        """For `signal.set_wakeup_fd`: a signal wakes the loop like a message does."""
+        return self._write_fd
+
+    def post(self, message: object) -> None:
+        self._queue.put(message)
+        # A full pipe holds wake-ups enough: the loop will come.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write_fd, b"\0")
+
+    def drain(self) -> list[object]:
+        """Everything posted so far; call when `fileno` is readable."""
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        messages = []
+        while True:
+            try:
+                messages.append(self._queue.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def close(self) -> None:
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorAudio:
+    reader: MonitorReader
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorFailed:
+    reader: MonitorReader
+    reason: str
+
+
+class MonitorReader:
+    """Records the monitor of the virtual output `sink` in `fmt`, one period per message."""
+
+    def __init__(
+        self, mailbox: Mailbox, server: str | None, sink: str, fmt: AudioFormat, period_ms: int
+    ) -> None:
+        self.format = fmt
+        self._mailbox = mailbox
+        self._server = server
+        self._sink = sink
+        self._period_bytes = fmt.bytes_for_ms(period_ms)
+        #: Set by the loop while dom0 is told nothing plays: silence is then
+        #: dropped here, since `GuestSession.audio` ignores silence while
+        #: corked, and an idle VM should not wake the loop 100 times a second.
+        self.drop_silence = False
+        self._stop = threading.Event()
+        self._stream: PcmStream | None = None
+        self._thread = threading.Thread(target=self._run, name="monitor-reader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end; it closes its stream within one period."""
+        self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def latency_us(self) -> int | None:
+        """How old the oldest recorded byte not yet read is; None without a stream."""
+        stream = self._stream
+        if stream is None or self._stop.is_set():
+            return None
+        try:
+            return stream.latency_us()
+        except (PulseError, ValueError):
+            return None
+
+    def _run(self) -> None:
+        try:
+            # The fragment size bounds the latency the server adds: it hands
+            # over audio once a period is recorded, not when its buffer is full.
+            stream = PcmStream.record(
+                self._server,
+                f"{self._sink}.monitor",
+                self.format,
+                APP_NAME,
+                "dom0 speakers",
+                self._period_bytes,
+                props={"media.role": "production", "application.id": "org.qvaudio.guest"},
+            )
+        except PulseError as exc:
+            self._mailbox.post(MonitorFailed(self, str(exc)))
+            return
+        self._stream = stream
+        restart_sink_clock(self._server, self._sink)
+        try:
+            while not self._stop.is_set():
+                pcm = stream.read(self._period_bytes)
+                if self.drop_silence and pcm.count(0) == len(pcm):
+                    continue
+                if not self._stop.is_set():
+                    self._mailbox.post(MonitorAudio(self, pcm))
+        except PulseError as exc:
+            if not self._stop.is_set():
+                self._mailbox.post(MonitorFailed(self, str(exc)))
+        finally:
+            self._stream = None
+            stream.close()
+
+
+class MicWriter:
+    """Plays microphone PCM from dom0 into the virtual microphone's backing sink.
+
+    Audio waits in a queue bounded to `max_queue_ms`; beyond it the oldest is
+    dropped, because late microphone audio is worse than missing audio. When
+    nothing comes (dom0 refused, or has not answered yet), nothing is written
+    and recording applications read the null sink's silence.
+    """
+
+    def __init__(
+        self,
+        server: str | None,
+        sink: str,
+        fmt: AudioFormat,
+        period_ms: int,
+        max_queue_ms: int = 200,
+    ) -> None:
+        self.format = fmt
+        self.dropped_bytes = 0
+        self._server = server
+        self._sink = sink
+        self._period_ms = period_ms
+        self._max_bytes = fmt.bytes_for_ms(max_queue_ms)
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mic-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, pcm: bytes) -> None:
+        with self._cond:
+            self._chunks.append(pcm)
+            self._queued += len(pcm)
+            while self._queued > self._max_bytes and len(self._chunks) > 1:
+                old = self._chunks.popleft()
+                self._queued -= len(old)
+                if not self.dropped_bytes:
+                    log.warning(
+                        "microphone audio arrives faster than it plays: dropping the oldest"
+                    )
+                self.dropped_bytes += len(old)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _next(self) -> bytes | None:
+        with self._cond:
+            while not self._chunks and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            pcm = self._chunks.popleft()
+            self._queued -= len(pcm)
+            return pcm
+
+    def _run(self) -> None:
+        period = self.format.bytes_for_ms(self._period_ms)
+        try:
+            # The agent keeps this stream open while dom0 is connected, not
+            # just while an application records: an open, underrun stream
+            # costs nothing and keeps the null sink's period short, so the
+            # first microphone audio plays at once (see restart_sink_clock).
+            stream = PcmStream.playback(
+                self._server,
+                self._sink,
+                self.format,
+                APP_NAME,
+                "dom0 microphone",
+                tlength_bytes=period * 4,
+                # Restart after an underrun as soon as one period is there.
+                prebuf_bytes=period,
+                props={"application.id": "org.qvaudio.guest"},
+            )
+        except PulseError as exc:
+            log.warning("cannot feed the virtual microphone: %s", exc)
+            return
+        restart_sink_clock(self._server, self._sink)
+        try:
+            while (pcm := self._next()) is not None:
+                usable = len(pcm) - len(pcm) % self.format.frame_size
+                if usable:
+                    stream.write(pcm[:usable])
+        except PulseError as exc:
+            # The audio server went away; the watcher reports that and the
+            # agent starts a new writer once the devices are back.
+            log.warning("microphone feed stopped: %s", exc)
+        finally:
+            stream.close()

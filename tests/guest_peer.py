@@ -1,0 +1,180 @@
+"""A small dom0 stand-in for testing and benchmarking the guest agent.
+
+It connects to the agent's Unix socket (the guest always listens), speaks
+the real protocol through `Connection(Role.DOM0)`, accepts the agent's first
+offered formats, reports its position twice a second (which is also how the
+agent knows dom0 is alive), and records everything that arrives with the
+time it arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qvaudio.connection import Connection
+from qvaudio.formats import AudioFormat
+from qvaudio.protocol import (
+    CaptureData,
+    CaptureState,
+    Event,
+    FormatAccept,
+    FormatOffer,
+    Hello,
+    PlaybackData,
+    Position,
+    Role,
+    StreamKind,
+    StreamStatus,
+)
+
+POSITION_EVERY_S = 0.5
+CONNECT_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    time: float
+    event: Event
+
+
+class Dom0Peer:
+    def __init__(self, socket_path: str) -> None:
+        self.conn = Connection(Role.DOM0)
+        self.sock = self._connect(socket_path)
+        self.lock = threading.Lock()
+        self.events: list[Arrival] = []
+        self.pcm = bytearray()
+        #: (arrival time, offset in `pcm` of the chunk's first byte, chunk length)
+        self.chunks: list[tuple[float, int, int]] = []
+        self.playback_format: AudioFormat | None = None
+        self.capture_format: AudioFormat | None = None
+        self.received_frames = 0
+        self.closed = threading.Event()
+        self.on_pcm: Callable[[float, bytes], None] | None = None
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._send(Hello())
+        self._reader = threading.Thread(target=self._read_loop, daemon=True)
+        self._reader.start()
+        self._ticker = threading.Thread(target=self._position_loop, daemon=True)
+        self._ticker.start()
+
+    @staticmethod
+    def _connect(path: str) -> socket.socket:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _send(self, event: Event) -> None:
+        with self._send_lock:
+            data = self.conn.send(event)
+            self.sock.sendall(data)
+
+    def set_capture(self, status: StreamStatus, reason: str = "") -> None:
+        self._send(CaptureState(status, reason))
+
+    def send_mic(self, pcm: bytes, period_ms: int = 10) -> threading.Thread:
+        """Send microphone PCM paced like a real microphone, on a thread."""
+        fmt = self.capture_format
+        assert fmt is not None, "no capture format agreed"
+        step = fmt.bytes_for_ms(period_ms)
+
+        def pace() -> None:
+            start = time.monotonic()
+            for i, pos in enumerate(range(0, len(pcm), step)):
+                if self._stop.is_set() or self.closed.is_set():
+                    return
+                delay = start + i * period_ms / 1000 - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                self._send(CaptureData(pcm[pos : pos + step]))
+
+        thread = threading.Thread(target=pace, daemon=True)
+        thread.start()
+        return thread
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                now = time.monotonic()
+                for event in self.conn.receive_data(data):
+                    self._handle(event, now)
+        except OSError:
+            pass
+        finally:
+            self.closed.set()
+
+    def _handle(self, event: Event, now: float) -> None:
+        if isinstance(event, FormatOffer):
+            fmt = event.formats[0]
+            if event.stream is StreamKind.PLAYBACK:
+                self.playback_format = fmt
+            else:
+                self.capture_format = fmt
+            self._send(FormatAccept(event.stream, fmt))
+        if isinstance(event, PlaybackData):
+            fmt = self.playback_format
+            assert fmt is not None
+            with self.lock:
+                self.chunks.append((now, len(self.pcm), len(event.pcm)))
+                self.pcm += event.pcm
+                self.received_frames += len(event.pcm) // fmt.frame_size
+            if self.on_pcm is not None:
+                self.on_pcm(now, event.pcm)
+            return
+        with self.lock:
+            self.events.append(Arrival(now, event))
+
+    def _position_loop(self) -> None:
+        while not self._stop.wait(POSITION_EVERY_S):
+            if self.closed.is_set():
+                return
+            try:
+                with self.lock:
+                    frames = self.received_frames
+                self._send(Position(frames, frames, 20_000, 0))
+            except OSError:
+                return
+
+    # -- queries ---------------------------------------------------------------------
+
+    def events_of(self, kind: type) -> list[Arrival]:
+        with self.lock:
+            return [a for a in self.events if isinstance(a.event, kind)]
+
+    def pcm_since(self, offset: int) -> bytes:
+        with self.lock:
+            return bytes(self.pcm[offset:])
+
+    @property
+    def pcm_length(self) -> int:
+        with self.lock:
+            return len(self.pcm)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._reader.join(2)
+        self._ticker.join(2)

@@ -1,0 +1,364 @@
+"""The guest agent end to end: a real agent process, real PulseAudio and PipeWire, a dom0 stand-in.
+
+Each test runs `python -m qvaudio.agent_guest` listening on a Unix socket;
+`Dom0Peer` connects to it the way the dom0 agent would. Sound is played and
+recorded by the ordinary command-line clients (`pacat`, `parec`), as any
+application in the VM would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pulsectl
+import pytest
+
+from qvaudio import pulse_devices, tone
+from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.protocol import CaptureRequest, Cork, Goodbye, StreamStatus
+from tests.audio_daemons import NULL_SINK, AudioServer
+from tests.guest_peer import Dom0Peer
+
+SINK = "qvaudio_out"
+MIC = "qvaudio_mic"
+STEREO = AudioFormat(48000, SampleFormat.S16LE, 2)
+MONO = AudioFormat(48000, SampleFormat.S16LE, 1)
+DEADLINE_S = 15.0
+
+
+#: The agent whose log a failed wait shows (tests run one at a time).
+_current_log: list[Callable[[], str]] = []
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            logs = "\n".join(show() for show in _current_log)
+            pytest.fail(f"timed out waiting for {what}; agent log:\n{logs}", pytrace=False)
+        time.sleep(0.05)
+
+
+class Agent:
+    """One qvaudio-guest process and what a test needs to see of it."""
+
+    def __init__(self, server: AudioServer, base: Path, *extra: str) -> None:
+        self.server = server
+        self.base = base
+        self.socket = str(base / "guest.sock")
+        self.runtime = base / "run"
+        self.env = server.full_env()
+        # Its own runtime dir: the daemon's is wiped when the daemon restarts.
+        self.env["XDG_RUNTIME_DIR"] = str(self.runtime)
+        config = base / "qvaudio.yaml"
+        config.write_text("guest:\n  idle_timeout_s: 0.5\n")
+        self.log_path = base / "agent.log"
+        _current_log.append(self.log)
+        command = [sys.executable, "-m", "qvaudio.agent_guest", "--config", str(config)]
+        command += ["--transport", f"unix:{self.socket}", "-v", *extra]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                command, env=self.env, stdin=subprocess.DEVNULL, stderr=log, stdout=log
+            )
+
+    @property
+    def status_path(self) -> Path:
+        return self.runtime / "qvaudio" / "guest-status.json"
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.status_path.read_text("utf-8")))
+        except FileNotFoundError:
+            return {"bytes_sent": 0, "state": None}
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", "replace")
+
+    def pulse(self) -> Any:
+        return pulsectl.Pulse("qvaudio-test-agent", server=self.server.server)
+
+    def ready(self) -> bool:
+        """Devices exist, ours are the defaults, and the monitor is being recorded."""
+        assert self.proc.poll() is None, f"agent exited early:\n{self.log()}"
+        try:
+            with self.pulse() as p:
+                info = p.server_info()
+                if info.default_sink_name != SINK or info.default_source_name != MIC:
+                    return False
+                monitor = p.get_source_by_name(f"{SINK}.monitor")
+                return any(o.source == monitor.index for o in p.source_output_list())
+        except pulsectl.PulseError:
+            return False
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"agent did not stop on {sig.name}:\n{self.log()}", pytrace=False)
+
+
+def leave_daemon_clean(server: AudioServer) -> None:
+    """Whatever a test did, the next one finds the daemon as the fixture made it."""
+    server.ensure_running()
+    with pulsectl.Pulse("qvaudio-test-cleanup", server=server.server) as p:
+        pulse_devices.remove_owned_modules(p, [SINK, MIC])
+        if p.server_info().default_sink_name != NULL_SINK:
+            with contextlib.suppress(pulsectl.PulseOperationFailed):
+                p.sink_default_set(NULL_SINK)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Short: a Unix socket path must fit in 107 bytes.
+    with tempfile.TemporaryDirectory(prefix="qvg-") as path:
+        yield Path(path)
+
+
+@pytest.fixture
+def agent(audio_server: AudioServer, workdir: Path) -> Iterator[Agent]:
+    running = Agent(audio_server, workdir)
+    try:
+        yield running
+    finally:
+        running.stop()
+        _current_log.clear()
+        leave_daemon_clean(audio_server)
+
+
+@pytest.fixture
+def peer(agent: Agent) -> Iterator[Dom0Peer]:
+    dom0 = Dom0Peer(agent.socket)
+    wait_for(lambda: dom0.playback_format is not None, "format negotiation")
+    wait_for(agent.ready, "the agent's devices and monitor stream")
+    yield dom0
+    dom0.close()
+
+
+def play(agent: Agent, freq: float, seconds: float) -> subprocess.Popen[bytes]:
+    """Play a tone into the default sink, as an ordinary application would."""
+    raw = agent.base / f"tone-{freq:g}.raw"
+    raw.write_bytes(tone.generate_sine(freq, STEREO, seconds))
+    return subprocess.Popen(
+        ["pacat", "--raw", "--format=s16le", "--rate=48000", "--channels=2", str(raw)],
+        env=agent.env,
+    )
+
+
+def assert_tone(pcm: bytes, fmt: AudioFormat, freq: float, log: str = "") -> None:
+    samples = tone.decode_mono(pcm, fmt)
+    onset, offset = tone.find_onset(samples), tone.find_offset(samples)
+    assert onset is not None and offset is not None, f"only silence arrived\n{log}"
+    assert offset - onset > fmt.rate // 2, "less than half a second of the tone arrived"
+    assert tone.estimate_frequency(samples[onset:offset], fmt.rate) == pytest.approx(
+        freq, rel=0.005
+    )
+    assert tone.nonsilent_fraction(samples, fmt.rate) >= 0.99
+
+
+def play_and_check(agent: Agent, peer: Dom0Peer, freq: float, seconds: float = 1.5) -> None:
+    start = peer.pcm_length
+    player = play(agent, freq, seconds)
+    assert player.wait(DEADLINE_S) == 0
+    time.sleep(0.3)  # the last periods are on their way
+    assert peer.playback_format is not None
+    assert_tone(peer.pcm_since(start), peer.playback_format, freq, agent.log())
+
+
+# -- playback -----------------------------------------------------------------------------
+
+
+def test_tone_played_into_the_default_sink_reaches_dom0(agent: Agent, peer: Dom0Peer) -> None:
+    play_and_check(agent, peer, 440.0)
+    # Rewritten every couple of seconds at most.
+    wait_for(lambda: agent.status()["bytes_sent"] >= STEREO.bytes_per_second, "bytes in the status")
+    status = agent.status()
+    assert status["transport"] == f"unix:{agent.socket}"
+    assert status["format"] == "s16le:48000:2"
+    assert status["latency_us"] is None or 0 < status["latency_us"] < 1_000_000
+    with agent.pulse() as p:
+        assert p.get_sink_by_name(SINK).description == "qvaudio: dom0 speakers"
+
+
+def test_silence_corks_and_sound_uncorks(agent: Agent, peer: Dom0Peer) -> None:
+    play_and_check(agent, peer, 440.0, seconds=1.0)
+    wait_for(
+        lambda: bool(peer.events_of(Cork)) and peer.events_of(Cork)[-1].event == Cork(True),
+        "Cork(True) after the tone",
+    )
+    corked_at = peer.pcm_length
+    time.sleep(1.0)
+    assert peer.pcm_length == corked_at, "PCM kept flowing while corked"
+    corks = len(peer.events_of(Cork))
+    play_and_check(agent, peer, 1000.0, seconds=1.0)
+    assert Cork(False) in [a.event for a in peer.events_of(Cork)[corks:]]
+    wait_for(lambda: agent.status()["state"] == "idle", "state idle in the status file")
+
+
+# -- microphone ---------------------------------------------------------------------------
+
+
+def record_mic(agent: Agent, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            "parec",
+            "-d",
+            MIC,
+            "--raw",
+            "--format=s16le",
+            "--rate=48000",
+            "--channels=1",
+            "--latency-msec=20",
+        ],
+        env=agent.env,
+        stdout=out.open("wb"),
+    )
+
+
+def capture_requests(peer: Dom0Peer) -> list[bool]:
+    return [a.event.start for a in peer.events_of(CaptureRequest)]
+
+
+def test_microphone_audio_from_dom0_reaches_a_recording_application(
+    agent: Agent, peer: Dom0Peer
+) -> None:
+    recorded = agent.base / "mic.raw"
+    recorder = record_mic(agent, recorded)
+    try:
+        wait_for(lambda: capture_requests(peer) == [True], "CaptureRequest(start)")
+        assert peer.capture_format == MONO
+        peer.set_capture(StreamStatus.RUNNING)
+        peer.send_mic(tone.generate_sine(700.0, MONO, 1.5)).join(DEADLINE_S)
+        time.sleep(0.3)
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(DEADLINE_S)
+    wait_for(lambda: capture_requests(peer) == [True, False], "CaptureRequest(stop)")
+    assert_tone(recorded.read_bytes(), MONO, 700.0, agent.log())
+
+
+def test_refused_microphone_gives_silence_and_one_notice(agent: Agent, peer: Dom0Peer) -> None:
+    recorded = agent.base / "mic.raw"
+    recorder = record_mic(agent, recorded)
+    try:
+        wait_for(lambda: capture_requests(peer) == [True], "CaptureRequest(start)")
+        peer.set_capture(StreamStatus.DENIED, "policy says no")
+        peer.set_capture(StreamStatus.DENIED, "policy says no")
+        wait_for(lambda: recorded.stat().st_size > MONO.bytes_per_second, "a second of audio")
+        assert recorder.poll() is None, "the recording application failed"
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(DEADLINE_S)
+    assert recorded.read_bytes().count(0) == recorded.stat().st_size
+    wait_for(lambda: "not allowed" in agent.log(), "the refusal in the log")
+    assert agent.log().count("the microphone is not allowed for this VM") == 1
+
+
+# -- recovery -----------------------------------------------------------------------------
+
+
+def test_audio_server_restart_recreates_devices(
+    audio_server: AudioServer, agent: Agent, peer: Dom0Peer
+) -> None:
+    audio_server.restart()
+    wait_for(agent.ready, "devices recreated after the audio server restarted")
+    play_and_check(agent, peer, 440.0)
+    assert not peer.closed.is_set(), "the connection to dom0 was dropped"
+    assert "recreated" in agent.log()
+
+
+def test_dom0_reconnecting_gets_audio_again(agent: Agent, peer: Dom0Peer) -> None:
+    peer.close()
+    second = Dom0Peer(agent.socket)
+    try:
+        wait_for(lambda: second.playback_format is not None, "format negotiation again")
+        wait_for(agent.ready, "the monitor stream again")
+        play_and_check(agent, second, 440.0)
+    finally:
+        second.close()
+    assert agent.proc.poll() is None
+
+
+def test_sigterm_removes_devices_and_restores_defaults(agent: Agent, peer: Dom0Peer) -> None:
+    assert agent.status_path.exists()
+    assert agent.stop(signal.SIGTERM) == 0
+    with agent.pulse() as p:
+        names = {s.name for s in p.sink_list()} | {s.name for s in p.source_list()}
+        assert not [n for n in names if n.startswith("qvaudio")]
+        assert not [m for m in p.module_list() if "qvaudio" in (m.argument or "")]
+        wait_for(lambda: p.server_info().default_sink_name == NULL_SINK, "default sink restored")
+    assert not agent.status_path.exists()
+    wait_for(lambda: bool(peer.events_of(Goodbye)), "a goodbye to dom0")
+
+
+def test_a_crashed_run_is_adopted_not_duplicated(
+    audio_server: AudioServer, agent: Agent, workdir: Path
+) -> None:
+    first_peer = Dom0Peer(agent.socket)
+    wait_for(agent.ready, "the first agent")
+    agent.stop(signal.SIGKILL)
+    first_peer.close()
+    second = Agent(audio_server, workdir)
+    try:
+        peer = Dom0Peer(second.socket)
+        wait_for(second.ready, "the second agent")
+        with second.pulse() as p:
+            modules = [m for m in p.module_list() if f"sink_name={SINK} " in f"{m.argument} "]
+            assert len(modules) == 1
+        peer.close()
+        assert second.stop() == 0
+        with second.pulse() as p:
+            # The first run's record of the user's default survived its crash.
+            assert p.server_info().default_sink_name == NULL_SINK
+    finally:
+        second.stop()
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qvaudio.agent_guest", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_config_error_names_file_and_line(tmp_path: Path) -> None:
+    config = tmp_path / "qvaudio.yaml"
+    config.write_text("guest:\n  period_ms: 1000\n")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{config}:2: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains_every_flag() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--config",
+        "--transport",
+        "--format",
+        "--period-ms",
+        "--idle-timeout",
+        "--pulse-server",
+        "--sink-name",
+        "--source-name",
+        "--verbose",
+    ):
+        assert flag in result.stdout
