@@ -24,6 +24,7 @@ from qvaudio.protocol import (
     FormatOffer,
     Hello,
     PlaybackData,
+    ProtocolError,
     RemoteProtocolError,
     Role,
     StreamKind,
@@ -163,8 +164,8 @@ class FakeGuest:
                     time.sleep(delay)
                 try:
                     self.send(PlaybackData(pcm[offset : offset + step]))
-                except (OSError, AssertionError):
-                    return
+                except (OSError, AssertionError, ProtocolError):
+                    return  # disconnected, or playback was refused
 
         thread = threading.Thread(target=pace, daemon=True)
         thread.start()
