@@ -303,6 +303,17 @@ class VmSession:
         )
         self._denial_logged: set[Direction] = set()
 
+    def _send(self, event: Event) -> list[Action]:
+        """Bytes for `event`, or nothing once the connection is closed.
+
+        A peer's goodbye can arrive in the same read as a request; by the time
+        the request is answered the connection is closed, and the answer is
+        simply not sent (found by fuzzing: it used to raise).
+        """
+        if self.conn.state in (ConnectionState.CLOSED, ConnectionState.FAILED):
+            return []
+        return [Send(self.conn.send(event))]
+
     # -- what the shell asks ---------------------------------------------------------
 
     @property
@@ -363,7 +374,7 @@ class VmSession:
 
     def start(self, now: float) -> list[Action]:
         """The transport is up: greet the guest."""
-        return [Send(self.conn.send(Hello()))]
+        return self._send(Hello())
 
     def receive(self, data: bytes, now: float) -> list[Action]:
         """Bytes read from the guest."""
@@ -464,7 +475,7 @@ class VmSession:
             playback_latency_us=min(self._host.playback_latency_us, 2**32 - 1),
             capture_latency_us=min(self._host.capture_latency_us, 2**32 - 1),
         )
-        return [Send(self.conn.send(report))]
+        return self._send(report)
 
     def note_backlog(self, now: float, guest_has_more: bool, host_consuming: bool) -> list[Action]:
         """After a read: whether the guest still had data we did not take.
@@ -514,7 +525,7 @@ class VmSession:
         actions: list[Action] = []
         for start in range(0, len(pcm), step):
             chunk = pcm[start : start + step]
-            actions.append(Send(self.conn.send(CaptureData(chunk))))
+            actions += self._send(CaptureData(chunk))
         self.counters.capture_bytes_sent += len(pcm)
         return actions
 
@@ -523,7 +534,7 @@ class VmSession:
         if self.closed:
             return []
         actions = self._stop_streams(reason)
-        actions.append(Send(self.conn.send(Goodbye(GoodbyeCode.SHUTDOWN, _clip(reason)))))
+        actions += self._send(Goodbye(GoodbyeCode.SHUTDOWN, _clip(reason)))
         actions.append(Disconnect(GoodbyeCode.SHUTDOWN, reason))
         self.closed = True
         self.close_reason = reason
@@ -568,10 +579,10 @@ class VmSession:
         actions: list[Action] = self._stop_playback("format renegotiated")
         fmt, why = choose_format(formats, self._playback)
         if fmt is None:
-            actions.append(Send(self.conn.send(FormatRefuse(StreamKind.PLAYBACK, _clip(why)))))
+            actions += self._send(FormatRefuse(StreamKind.PLAYBACK, _clip(why)))
             actions += self._log_denial(Direction.PLAYBACK, f"playback refused: {why}")
             return actions
-        actions.append(Send(self.conn.send(FormatAccept(StreamKind.PLAYBACK, fmt))))
+        actions += self._send(FormatAccept(StreamKind.PLAYBACK, fmt))
         actions.append(Log(logging.INFO, f"playback format {fmt} ({self._playback.reason})"))
         return actions + self._start_playback(fmt)
 
@@ -584,10 +595,10 @@ class VmSession:
         as_if_allowed = dataclasses.replace(self._capture, access=Access.ALLOW)
         fmt, why = choose_format(formats, as_if_allowed)
         if fmt is None:
-            actions.append(Send(self.conn.send(FormatRefuse(StreamKind.CAPTURE, _clip(why)))))
+            actions += self._send(FormatRefuse(StreamKind.CAPTURE, _clip(why)))
             actions.append(Log(logging.INFO, f"capture format refused: {why}"))
             return actions
-        actions.append(Send(self.conn.send(FormatAccept(StreamKind.CAPTURE, fmt))))
+        actions += self._send(FormatAccept(StreamKind.CAPTURE, fmt))
         return actions + self._reconcile_capture(now, requested=False)
 
     def _play(self, pcm: bytes) -> list[Action]:
@@ -624,12 +635,12 @@ class VmSession:
         if self.playback_active and allowed_fmt is None:
             return [
                 *self._stop_playback(why),
-                Send(self.conn.send(PlaybackState(StreamStatus.DENIED, _clip(why)))),
+                *self._send(PlaybackState(StreamStatus.DENIED, _clip(why))),
                 *self._log_denial(Direction.PLAYBACK, f"playback stopped: {why}"),
             ]
         if not self.playback_active and allowed_fmt is not None:
             return [
-                Send(self.conn.send(PlaybackState(StreamStatus.RUNNING))),
+                *self._send(PlaybackState(StreamStatus.RUNNING)),
                 Log(logging.INFO, f"playback allowed again ({self._playback.reason})"),
                 *self._start_playback(fmt),
             ]
@@ -654,7 +665,7 @@ class VmSession:
             reason = "the VM stopped recording" if not self.capture_wanted else why
             return [
                 *self._stop_capture_stream(reason),
-                Send(self.conn.send(CaptureState(status, _clip(reason)))),
+                *self._send(CaptureState(status, _clip(reason))),
                 Log(logging.INFO, f"microphone capture stopped: {reason}"),
                 Notify(f"{name} stopped recording", reason),
             ]
@@ -662,7 +673,7 @@ class VmSession:
             self.capture_running = True
             return [
                 StartCapture(fmt),
-                Send(self.conn.send(CaptureState(StreamStatus.RUNNING))),
+                *self._send(CaptureState(StreamStatus.RUNNING)),
                 Log(logging.INFO, f"microphone capture started ({why})"),
                 Notify(f"{name} is recording from the microphone", why),
             ]
@@ -670,12 +681,12 @@ class VmSession:
             if fmt is None:
                 why = "no capture format agreed"
             return [
-                Send(self.conn.send(CaptureState(StreamStatus.DENIED, _clip(why)))),
+                *self._send(CaptureState(StreamStatus.DENIED, _clip(why))),
                 Log(logging.WARNING, f"microphone request refused: {why}"),
                 Notify(f"{name} was refused the microphone", why),
             ]
         if requested and not self.capture_wanted and not self.capture_running:
-            return [Send(self.conn.send(CaptureState(StreamStatus.STOPPED)))]
+            return self._send(CaptureState(StreamStatus.STOPPED))
         return []
 
     def _stop_capture_stream(self, reason: str) -> list[Action]:

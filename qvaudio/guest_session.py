@@ -120,6 +120,17 @@ class GuestSession:
         self._last_sound = now
         self._mic_refusal_told = False
 
+    def _send(self, event: Event) -> list[Action]:
+        """Bytes for `event`, or nothing once the connection is closed.
+
+        A peer's goodbye can arrive in the same read as a request; by the time
+        the request is answered the connection is closed, and the answer is
+        simply not sent (found by fuzzing: it used to raise).
+        """
+        if self.conn.state in (ConnectionState.CLOSED, ConnectionState.FAILED):
+            return []
+        return [Send(self.conn.send(event))]
+
     # -- queries -----------------------------------------------------------------------
 
     @property
@@ -155,14 +166,10 @@ class GuestSession:
 
     def start(self, now: float) -> list[Action]:
         self._last_heard = now
-        actions: list[Action] = [Send(self.conn.send(Hello()))]
-        actions.append(
-            Send(self.conn.send(FormatOffer(StreamKind.PLAYBACK, self.config.playback_formats)))
-        )
+        actions = self._send(Hello())
+        actions += self._send(FormatOffer(StreamKind.PLAYBACK, self.config.playback_formats))
         if self.config.capture_formats:
-            actions.append(
-                Send(self.conn.send(FormatOffer(StreamKind.CAPTURE, self.config.capture_formats)))
-            )
+            actions += self._send(FormatOffer(StreamKind.CAPTURE, self.config.capture_formats))
         return actions
 
     def receive(self, data: bytes, now: float) -> list[Action]:
@@ -191,14 +198,14 @@ class GuestSession:
         if not silent:
             self._last_sound = now
             if self.conn.corked:
-                actions += [Send(self.conn.send(Cork(False))), Log(logging.DEBUG, "uncorked")]
+                actions += [*self._send(Cork(False)), Log(logging.DEBUG, "uncorked")]
         elif not self.conn.corked and now - self._last_sound >= self.config.idle_timeout:
-            return [Send(self.conn.send(Cork(True))), Log(logging.DEBUG, "idle: corked")]
+            return [*self._send(Cork(True)), Log(logging.DEBUG, "idle: corked")]
         if self.conn.corked:
             return actions
         step = MAX_PAYLOAD - MAX_PAYLOAD % fmt.frame_size
         for start in range(0, len(pcm), step):
-            actions.append(Send(self.conn.send(PlaybackData(pcm[start : start + step]))))
+            actions += self._send(PlaybackData(pcm[start : start + step]))
         self.bytes_sent += len(pcm)
         self.frames_sent += len(pcm) // fmt.frame_size
         return actions
@@ -218,7 +225,7 @@ class GuestSession:
         """The shell saw the sink go idle (no application plays): cork at once."""
         if self.closed or self.conn.corked or self.conn.state is not ConnectionState.OPEN:
             return []
-        return [Send(self.conn.send(Cork(True))), Log(logging.DEBUG, "sink idle: corked")]
+        return [*self._send(Cork(True)), Log(logging.DEBUG, "sink idle: corked")]
 
     def set_mic_users(self, count: int, now: float) -> list[Action]:
         """How many applications record from the virtual microphone now."""
@@ -227,12 +234,12 @@ class GuestSession:
             return []
         if before == 0 and count > 0:
             return [
-                Send(self.conn.send(CaptureRequest(True))),
+                *self._send(CaptureRequest(True)),
                 Log(logging.INFO, "an application opened the microphone: asking dom0"),
             ]
         if before > 0 and count == 0:
             return [
-                Send(self.conn.send(CaptureRequest(False))),
+                *self._send(CaptureRequest(False)),
                 Log(logging.INFO, "microphone closed by the last application"),
             ]
         return []
@@ -260,7 +267,7 @@ class GuestSession:
                 actions: list[Action] = [Log(logging.INFO, f"dom0 speaks protocol {version}")]
                 if self.mic_users:
                     # Applications were already recording when we (re)connected.
-                    actions.append(Send(self.conn.send(CaptureRequest(True))))
+                    actions += self._send(CaptureRequest(True))
                 return actions
             case FormatAccept(stream=StreamKind.PLAYBACK, format=fmt):
                 return [Log(logging.INFO, f"playback format {fmt}"), StartMonitor(fmt)]

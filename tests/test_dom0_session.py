@@ -401,3 +401,13 @@ def test_backoff_notices_a_reconnect_loop() -> None:
     # Thirty quiet seconds later the loop is forgiven.
     backoff.ended(now + 40, lasted=0.05, code=None)
     assert not backoff.looping
+
+
+def test_request_and_goodbye_in_one_read_do_not_raise() -> None:
+    # Found by tests/test_fuzz_dom0.py: the answer to the request used to be
+    # sent on a connection the goodbye had already closed, and raised.
+    h = Harness(ALLOW_ALL)
+    wire = encode(Hello()) + encode(CaptureRequest(False)) + encode(Goodbye(GoodbyeCode.NORMAL))
+    actions = h.raw(wire)
+    assert isinstance(actions[-1], Disconnect)
+    assert h.session.closed
