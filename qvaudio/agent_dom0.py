@@ -23,7 +23,7 @@ import selectors
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -169,7 +169,8 @@ class Dom0Agent:
                     self._next_discovery = now + DISCOVERY_INTERVAL
                     self._discover(now)
                 for link in list(self.links.values()):
-                    self._service(link, now)
+                    with self._contained(link):
+                        self._service(link, now)
                 for fd in self.control.expire(now):
                     with contextlib.suppress(KeyError, ValueError):
                         self.selector.unregister(fd)
@@ -197,9 +198,10 @@ class Dom0Agent:
         elif kind == "vm":
             link = self.links.get(payload)
             if link is not None:
-                if mask & selectors.EVENT_READ:
-                    link.stream.handle_wakeup()
-                self._service(link, now)
+                with self._contained(link):
+                    if mask & selectors.EVENT_READ:
+                        link.stream.handle_wakeup()
+                    self._service(link, now)
 
     def _service_client(self, fd: int, now: float) -> None:
         alive = self.control.service(fd, now)
@@ -217,13 +219,15 @@ class Dom0Agent:
                 return
             if kind == "policy":
                 for link in list(self.links.values()):
-                    self._execute(link, link.session.update_policy(payload, now))
+                    with self._contained(link):
+                        self._execute(link, link.session.update_policy(payload, now))
             elif kind == "mic":
                 name, capture, chunk = payload
                 mic_link = self.links.get(name)
                 if mic_link is not None and mic_link.capture is capture:
-                    room = mic_link.stream.buffer_space() - len(mic_link.outbox)
-                    self._execute(mic_link, mic_link.session.capture_pcm(chunk, room, now))
+                    with self._contained(mic_link):
+                        room = mic_link.stream.buffer_space() - len(mic_link.outbox)
+                        self._execute(mic_link, mic_link.session.capture_pcm(chunk, room, now))
 
     # -- discovery and connections ------------------------------------------------------------
 
@@ -301,6 +305,17 @@ class Dom0Agent:
         self._execute(link, session.start(now))
 
     # -- per-VM work ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _contained(self, link: VmLink) -> Iterator[None]:
+        """Whatever goes wrong while serving one VM costs that VM its connection only."""
+        try:
+            yield
+        except Exception:
+            log.exception("%s: internal error while serving this VM; disconnecting it", link.name)
+            with contextlib.suppress(Exception):
+                link.session.closed = True
+            self._drop(link, GoodbyeCode.INTERNAL_ERROR)
 
     def _throttled(self, link: VmLink) -> bool:
         queued = link.playback.queued_bytes if link.playback else 0
