@@ -39,3 +39,13 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+# RPM packages from rpm/qvaudio.spec: python3-qvaudio, qvaudio-common,
+# qvaudio-dom0, qvaudio-guest and the SRPM, built from the working tree.
+.PHONY: rpm rpm-test
+rpm: venv
+	./scripts/build-rpm.sh dist/rpm
+
+# Only the packaging tests (make test runs them too).
+rpm-test: venv
+	$(VENV)/bin/pytest tests/test_rpm.py tests/test_manpages.py
