@@ -388,3 +388,33 @@ def test_units_say_what_the_agents_do() -> None:
             assert needed in lines, f"qvaudio-{agent}.service lacks {needed}"
         assert any(line.startswith("After=") and "pipewire-pulse.service" in line for line in lines)
         assert any(line.startswith("WatchdogSec=") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("defines", "present", "absent"),
+    [
+        (
+            ["fedora 40"],
+            ["%pyproject_wheel", "%pyproject_install", "%pyproject_save_files qvaudio"],
+            ["pip wheel", "pip install", "BuildRequires:  python3-pip"],
+        ),
+        (
+            [],
+            ["-m pip wheel --no-deps --no-index", "--target", "BuildRequires:  python3-pip"],
+            ["%pyproject_wheel", "%pyproject_install", "%generate_buildrequires"],
+        ),
+    ],
+    ids=["fedora", "fallback"],
+)
+def test_spec_takes_the_right_branch(
+    defines: list[str], present: list[str], absent: list[str]
+) -> None:
+    need("rpmspec")
+    args = ["rpmspec", "-P", str(SPEC), "--define", f"build_python {sys.executable}"]
+    for define in defines:
+        args += ["--define", define]
+    code = "\n".join(line for line in ok(args).splitlines() if not line.lstrip().startswith("#"))
+    for needle in present:
+        assert needle in code, needle
+    for needle in absent:
+        assert needle not in code, needle
