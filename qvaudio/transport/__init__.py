@@ -8,8 +8,14 @@ lines:
     vsock:CID:PORT     AF_VSOCK. Guest: CID is the only peer accepted (2 = host).
                        dom0/host: CID is the guest to connect to.
     unix:PATH          AF_UNIX socket at PATH (tests and local demos).
+    qrexec:[TARGET[:SERVICE]]
+                       Qubes qrexec, guest only: the guest calls SERVICE
+                       (qvaudio.Audio) in TARGET (@default, i.e. dom0).
 
-The guest always listens (`listen`) and dom0 always connects (`connect`).
+The guest always listens (`listen`) and dom0 always connects (`connect`),
+except over qrexec, where the guest places the call (its `listen` returns a
+dialer with the same interface) and dom0 receives it through a
+`qvaudio.transport.qrexec.HandoffListener`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ __all__ = [
     "Address",
     "Listener",
     "PeerUnavailable",
+    "QrexecAddress",
     "Stream",
     "StreamClosed",
     "StreamState",
@@ -53,6 +60,7 @@ MAX_XEN_PORT: Final = 65535
 MAX_VSOCK: Final = 0xFFFFFFFE  # 0xFFFFFFFF is the "any" wildcard for CIDs and ports
 UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes including the NUL
 
+# qrexec: is left out: it is a guest-only form, named in its own errors.
 FORMS: Final = "xen:DOMID[:PORT], vsock:CID:PORT or unix:PATH"
 
 
@@ -82,9 +90,21 @@ class UnixAddress:
         return f"unix:{self.path}"
 
 
-Address = XenAddress | VsockAddress | UnixAddress
+@dataclass(frozen=True)
+class QrexecAddress:
+    target: str = "@default"
+    service: str = "qvaudio.Audio"
+
+    def __str__(self) -> str:
+        return f"qrexec:{self.target}:{self.service}"
+
+
+Address = XenAddress | VsockAddress | UnixAddress | QrexecAddress
 
 _NUMBER = re.compile(r"[0-9]+")
+# qrexec targets (VM names or @keywords such as @default) and service names.
+_QREXEC_TARGET = re.compile(r"@?[A-Za-z][A-Za-z0-9_.\-]{0,30}")
+_QREXEC_SERVICE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _number(text: str, what: str, low: int, high: int, original: str) -> int:
@@ -108,6 +128,12 @@ def parse_address(text: str) -> Address:
             raise ValueError(f"bad address {text!r}: path longer than {UNIX_PATH_MAX} bytes")
         return UnixAddress(rest)
     parts = rest.split(":")
+    if scheme == "qrexec" and len(parts) <= 2:
+        target = parts[0] or "@default"
+        service = parts[1] if len(parts) == 2 else "qvaudio.Audio"
+        if not _QREXEC_TARGET.fullmatch(target) or not _QREXEC_SERVICE.fullmatch(service):
+            raise ValueError(f"bad address {text!r}: expected qrexec:[TARGET[:SERVICE]]")
+        return QrexecAddress(target, service)
     if scheme == "xen" and len(parts) in (1, 2):
         domid = _number(parts[0], "DOMID", 0, MAX_DOMID, text)
         if len(parts) == 1:
@@ -138,6 +164,10 @@ def listen(address: Address, **opts: Any) -> Listener:
             from qvaudio.transport.sockets import listen_unix
 
             return listen_unix(path, **opts)
+        case QrexecAddress(target, service):
+            from qvaudio.transport.qrexec import QrexecDialer
+
+            return QrexecDialer(target, service, **opts)
     raise TypeError(f"not an address: {address!r}")
 
 
@@ -161,4 +191,9 @@ def connect(address: Address, **opts: Any) -> Stream:
             from qvaudio.transport.sockets import connect_unix
 
             return connect_unix(path, **opts)
+        case QrexecAddress():
+            raise TransportUnavailable(
+                f"dom0 cannot call {address}: qrexec calls come from the VM",
+                "dom0 receives them through the qvaudio.Audio service handler",
+            )
     raise TypeError(f"not an address: {address!r}")
