@@ -295,12 +295,15 @@ def restart_sink_clock(server: str | None, sink_name: str) -> None:
     reschedules after the current block, so a stream opened on it stalls (a
     playback stream's writes block, a monitor stream gets its first audio
     late, in one lump) for up to that long. Suspending and resuming the sink
-    restarts its clock at once with the new, short period. PipeWire needs
-    none of this, and takes it without harm. Best effort: a failure only
-    means the stall.
+    restarts its clock at once with the new, short period. PipeWire's graph
+    has no such stall, and there the suspension would only cut a few
+    milliseconds out of whatever plays, so it is skipped. Best effort: a
+    failure only means the stall.
     """
     try:
         with pulse_devices.connect(CLIENT_NAME + "-clock", server) as pulse:
+            if "pipewire" in str(pulse.server_info().server_name).lower():
+                return
             index = pulse.get_sink_by_name(sink_name).index
             pulse.sink_suspend(index, 1)
             pulse.sink_suspend(index, 0)

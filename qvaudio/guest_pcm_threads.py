@@ -224,9 +224,11 @@ class MicWriter:
                 self.format,
                 APP_NAME,
                 "dom0 microphone",
-                tlength_bytes=period * 4,
-                # Restart after an underrun as soon as one period is there.
-                prebuf_bytes=period,
+                tlength_bytes=period * 8,
+                # Microphone audio crosses the transport in bursts; starting
+                # (and restarting after an underrun) with four periods
+                # queued absorbs that jitter instead of playing gaps.
+                prebuf_bytes=period * 4,
                 props={"application.id": "org.qvaudio.guest"},
             )
         except PulseError as exc:

@@ -162,9 +162,10 @@ def assert_tone(pcm: bytes, fmt: AudioFormat, freq: float, log: str = "") -> Non
     onset, offset = tone.find_onset(samples), tone.find_offset(samples)
     assert onset is not None and offset is not None, f"only silence arrived\n{log}"
     assert offset - onset > fmt.rate // 2, "less than half a second of the tone arrived"
+    gaps = tone.gaps(samples, fmt.rate)
     assert tone.estimate_frequency(samples[onset:offset], fmt.rate) == pytest.approx(
         freq, rel=0.005
-    )
+    ), f"gaps: {gaps[:10]}, tone from {onset / fmt.rate:.3f} s to {offset / fmt.rate:.3f} s"
     assert tone.nonsilent_fraction(samples, fmt.rate) >= 0.99
 
 
