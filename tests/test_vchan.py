@@ -451,3 +451,31 @@ def test_xen_listener_hands_over_the_server_and_publishes_a_new_one(memory_vchan
         listener.accept()
     stream.close()
     assert servers[0].closed
+
+
+def test_xen_listener_leaves_the_connect_event_to_the_stream(memory_vchan: Any) -> None:
+    # dom0's connect and its first write can share one pending event, and
+    # libxenvchan notifies a write only once until the reader reads again: if
+    # accept() consumed that event, the bytes would wait with nothing to wake
+    # the stream (a lost wake-up seen on real Xen, tests/xen/).
+    consumed: list[int] = []
+
+    class Counting(MemoryVchan):
+        def wait_if_pending(self) -> bool:
+            consumed.append(1)
+            return False
+
+    def make_server() -> Vchan:
+        server: MemoryVchan = memory_vchan(server=True, peer_live=2)
+        server.__class__ = Counting
+        return server
+
+    listener = XenListener("xen:0:4790", make_server)
+    assert listener.accept() is None
+    assert consumed == [1]  # waiting for a peer: spurious events are consumed
+    listener._server.page[CLI_LIVE] = 1  # type: ignore[union-attr]  # dom0 connected
+    stream = listener.accept()
+    assert stream is not None and stream.state is StreamState.CONNECTED
+    assert consumed == [1]  # the event is left pending for the stream's fd
+    stream.close()
+    listener.close()

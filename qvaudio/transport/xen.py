@@ -168,10 +168,25 @@ class XenListener(Listener):
     def accept(self) -> Stream | None:
         server = self._publish()
         try:
-            server.wait_if_pending()
+            # The peer may already have written: its connect and its first
+            # write share one pending event, and libxenvchan notifies a write
+            # only once until the reader reads again. Consuming that event here
+            # would strand those bytes with nothing left to wake the stream
+            # (seen on real Xen when dom0 connects the instant we publish). So
+            # the event is consumed only while nobody is connected, and the
+            # stream inherits it otherwise.
             state = server.state
             if state is VchanState.WAITING_FOR_PEER:
-                return None
+                server.wait_if_pending()
+                state = server.state
+                if state is VchanState.WAITING_FOR_PEER:
+                    return None
+                if state is VchanState.CONNECTED:
+                    # Connected between the two looks (a tiny window): the
+                    # event is gone, so at least re-arm the write notification
+                    # (data_ready does); bytes already there are read with the
+                    # peer's next write.
+                    server.data_ready()
             self._server = None
             if state is VchanState.CONNECTED:
                 # This connection must not delete the entries of the next server.
