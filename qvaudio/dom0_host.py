@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 ICON_NAME = "qvaudio-vm"
 #: Stream property carrying the VM's name, so the agent can find its streams.
 VM_PROPERTY = "qvaudio.vm"
+#: Reopening a stream on the local host server is cheap, and each second
+#: waited after the server came back is a second of silence for the VM.
+RETRY_MAX_S = 0.5
 #: PulseAudio's 100 % (PA_VOLUME_NORM) as pulsectl's float.
 FULL_VOLUME = 1.0
 
@@ -135,7 +138,7 @@ class HostPlayback:
     # -- the thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = 0.2
+        delay = 0.1
         while not self._stop:
             try:
                 self._stream = PcmStream.playback(
@@ -153,12 +156,12 @@ class HostPlayback:
                     log.warning("%s: cannot open host stream: %s (retrying)", self.vm_name, exc)
                 self._discard_while_down()
                 self._sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RETRY_MAX_S)
                 continue
             if self.open_failures:
                 log.info("%s: host stream open again", self.vm_name)
             self.open_failures = 0
-            delay = 0.2
+            delay = 0.1
             self._apply_initial_volume()
             try:
                 self._pump(self._stream)
@@ -261,7 +264,7 @@ class HostCapture:
         self.join()
 
     def _run(self) -> None:
-        delay = 0.2
+        delay = 0.1
         while not self._stop.is_set():
             try:
                 stream = PcmStream.record(
@@ -276,9 +279,9 @@ class HostCapture:
             except PulseError as exc:
                 log.warning("%s: cannot open the microphone: %s (retrying)", self.vm_name, exc)
                 self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            delay = 0.2
+            delay = 0.1
             try:
                 while not self._stop.is_set():
                     chunk = stream.read(self._period)

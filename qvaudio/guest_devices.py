@@ -33,8 +33,10 @@ from qvaudio.pulse_devices import Pulse
 log = logging.getLogger(__name__)
 
 CLIENT_NAME: Final = "qvaudio-guest"
-FIRST_RETRY_S: Final = 0.2
-MAX_RETRY_S: Final = 5.0
+# Retrying a local socket costs next to nothing, while every second spent
+# waiting after the audio server came back is a second of silence.
+FIRST_RETRY_S: Final = 0.1
+MAX_RETRY_S: Final = 0.5
 #: How long `stop` keeps nudging the watcher out of its event wait.
 STOP_TIMEOUT_S: Final = 3.0
 #: For this long after creating the devices, a default moved away from them
