@@ -56,13 +56,14 @@ from qvaudio.dom0_session import (
 )
 from qvaudio.log import setup_logging
 from qvaudio.notify import Notifier
-from qvaudio.policy import Access, Direction, Policy, evaluate
+from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
 from qvaudio.policy_loader import default_policy_dir
 from qvaudio.policy_watch import PolicyWatcher
 from qvaudio.protocol import GoodbyeCode
 from qvaudio.sdnotify import sd_notify, watchdog_interval
-from qvaudio.transport import connect
+from qvaudio.transport import UnixAddress, connect
 from qvaudio.transport.base import PeerUnavailable, Stream, StreamClosed, TransportError
+from qvaudio.transport.qrexec import HandoffListener, default_handoff_path
 
 log = logging.getLogger("qvaudio.dom0")
 
@@ -85,6 +86,8 @@ class VmLink:
     capture: HostCapture | None = None
     mask: int = 0
     disconnect_code: GoodbyeCode | None = None
+    #: False for qrexec calls: the guest dialled in, no discovery source owns it.
+    discovered: bool = True
 
     @property
     def name(self) -> str:
@@ -110,6 +113,10 @@ class Dom0Agent:
         self.control = ControlServer(control_path, self.handle_control)
         self.selector.register(self.control, selectors.EVENT_READ, ("control", None))
         self.discoveries = self._make_discoveries(settings)
+        self.handoff: HandoffListener | None = None
+        if "qrexec" in settings.transports:
+            self.handoff = HandoffListener(default_handoff_path())
+            self.selector.register(self.handoff, selectors.EVENT_READ, ("qrexec", None))
         self._discovery_fds: dict[int, Discovery] = {}
         self._next_discovery = 0.0
         self._closing_host: list[HostPlayback | HostCapture] = []
@@ -192,6 +199,8 @@ class Dom0Agent:
                 self.selector.register(conn, selectors.EVENT_READ, ("client", conn.fileno()))
         elif kind == "client":
             self._service_client(payload, now)
+        elif kind == "qrexec":
+            self._accept_qrexec(now)
         elif kind == "discovery":
             payload.refresh()
             self._reconcile_targets(now)
@@ -262,6 +271,8 @@ class Dom0Agent:
     def _reconcile_targets(self, now: float) -> None:
         targets = self._all_targets()
         for name, link in list(self.links.items()):
+            if not link.discovered:
+                continue
             target = targets.get(name)
             if target is None or target.address != link.target.address:
                 self._execute(link, link.session.shutdown("the VM went away"))
@@ -271,7 +282,7 @@ class Dom0Agent:
                 link.session.vm = target.identity
                 self._execute(link, link.session.update_policy(self.policy, now))
         for name in list(self.mic_attached):
-            if name not in targets:
+            if name not in targets and name not in self.links:
                 self.mic_attached.discard(name)
         for name, target in targets.items():
             if name in self.links:
@@ -283,6 +294,31 @@ class Dom0Agent:
                     backoff.next_attempt = 0.0  # re-published: try at once
             if now >= backoff.next_attempt:
                 self._connect(target, backoff, now)
+
+    def _accept_qrexec(self, now: float) -> None:
+        """A VM called qvaudio.Audio: its name is the one qrexec gave, never its word."""
+        assert self.handoff is not None
+        stream = self.handoff.accept()
+        if stream is None:
+            return
+        name = stream.remote_domain
+        backoff = self.backoff.setdefault(name, Backoff())
+        if backoff.misbehaved and now < backoff.next_attempt:
+            log.warning("%s: call refused, it was cut off %.0f s ago and must wait",
+                        name, now - (backoff.next_attempt - backoff.delay))  # fmt: skip
+            stream.close()
+            return
+        old = self.links.get(name)
+        if old is not None:
+            self._execute(old, old.session.shutdown("the VM called again"))
+        target = Target(VmIdentity(name), UnixAddress(f"qrexec:{name}"), origin="qrexec call")
+        session = VmSession(
+            target.identity, self.policy, now, mic_attached=name in self.mic_attached
+        )
+        link = VmLink(target, stream, session, now, discovered=False)
+        self.links[name] = link
+        log.info("%s: connected over qrexec (identity from QREXEC_REMOTE_DOMAIN)", name)
+        self._execute(link, session.start(now))
 
     def _connect(self, target: Target, backoff: Backoff, now: float) -> None:
         name = target.identity.name
@@ -504,6 +540,8 @@ class Dom0Agent:
         for host in self._closing_host:
             host.join()
         self.policy_watcher.stop()
+        if self.handoff is not None:
+            self.handoff.close()
         for source in self.discoveries:
             source.close()
         self.control.close()
@@ -556,7 +594,9 @@ class Dom0Agent:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         vms: dict[str, Any] = {}
-        for name, target in sorted(self._all_targets().items()):
+        known = self._all_targets()
+        known.update({n: link.target for n, link in self.links.items() if not link.discovered})
+        for name, target in sorted(known.items()):
             link = self.links.get(name)
             entry: dict[str, Any] = {"transport": str(target.address), "origin": target.origin}
             if link is None:
@@ -600,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="how VMs reach this agent, instead of the config's dom0.transports; repeatable: "
         "'xen' (XenStore), 'unix:DIR' (a socket per VM, named after it), "
-        "'vsock:NAME=CID,...'",
+        "'vsock:NAME=CID,...', 'qrexec' (Qubes: VMs call the qvaudio.Audio service)",
     )
     parser.add_argument("--policy-dir", type=Path, help="policy directory (default: "
                         "/etc/qvaudio/policy.d, or $QVAUDIO_POLICY_DIR)")  # fmt: skip
@@ -646,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError as exc:
                 print(f"qvaudio-dom0: --transport {spec}: {exc}", file=sys.stderr)
                 return 2
-        elif spec != "xen" and not spec.startswith("unix:"):
+        elif spec not in ("xen", "qrexec") and not spec.startswith("unix:"):
             print(f"qvaudio-dom0: unknown transport {spec!r}", file=sys.stderr)
             return 2
     policy_dir = args.policy_dir or (

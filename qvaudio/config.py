@@ -191,7 +191,7 @@ def _transport(node: yaml.Node) -> str:
 
 def _dom0_transport(node: yaml.Node) -> str:
     text = _string(node)
-    if text == "xen" or text.startswith("unix:") or text.startswith("vsock:"):
+    if text in ("xen", "qrexec") or text.startswith("unix:") or text.startswith("vsock:"):
         if text.startswith("vsock:"):
             parse_vsock_map(text)
         return text

@@ -70,13 +70,20 @@ class Dom0:
         self.guests: list[FakeGuest] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *transports: str) -> None:
+        """Start the agent; `transports` default to the socket directory."""
         env = self.host.full_env()
+        env["QVAUDIO_QREXEC_SOCKET"] = str(self.base / "qrexec.sock")
+        transport_args = [
+            arg
+            for spec in (transports or (f"unix:{self.vm_dir}",))
+            for arg in ("--transport", spec)
+        ]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
                     sys.executable, "-m", "qvaudio.agent_dom0",
-                    "--transport", f"unix:{self.vm_dir}",
+                    *transport_args,
                     "--policy-dir", str(self.policy_dir),
                     "--control-socket", str(self.control),
                     "--no-notifications", "-v",

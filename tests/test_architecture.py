@@ -26,7 +26,7 @@ IO_MODULES = {
 }  # fmt: skip
 #: Third-party modules that talk to the outside world.
 IO_PACKAGES = {"cffi", "pulsectl", "pyxs"}
-GUEST_SIDE = {"agent_guest", "guest_session", "guest_devices", "guest_outbox",
+GUEST_SIDE = {"agent_guest", "guest_loop", "guest_session", "guest_devices", "guest_outbox",
               "guest_pcm_threads", "guest_status"}  # fmt: skip
 GUEST_FORBIDDEN = {
     "policy", "policy_loader", "policy_watch", "policy_edit", "cli_policy",
