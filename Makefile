@@ -49,3 +49,11 @@ rpm: venv
 # Only the packaging tests (make test runs them too).
 rpm-test: venv
 	$(VENV)/bin/pytest tests/test_rpm.py tests/test_manpages.py
+
+# qvaudio on real Xen: Xen 4.17 under QEMU (software emulation), qvaudio-dom0
+# in a PV dom0 and qvaudio-guest in a PV domU over the real libxenvchan; one
+# JSON result under results/xen/<timestamp>/ (docs/xen.md). make test runs it
+# too, through tests/test_xen.py.
+.PHONY: xen-test
+xen-test: venv
+	./tests/xen/run-xen-test.sh

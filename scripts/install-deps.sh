@@ -15,6 +15,8 @@ packages=(
     rpm rpmlint
     # measuring audio by hand
     sox
+    # the real-Xen test bed (tests/xen/run-xen-test.sh): Xen under QEMU, initramfs images
+    qemu-system-x86 cpio
 )
 
 missing=()
