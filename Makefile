@@ -36,6 +36,10 @@ demo: venv
 bench: venv
 	$(VPY) -m bench.transport_bench
 	$(VPY) -m bench.protocol_bench
+	$(VPY) -m bench.latency_bench
+	$(VPY) -m bench.gaps_bench
+	$(VPY) -m bench.scale_bench
+	$(VPY) -m bench.revocation_bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
