@@ -35,6 +35,7 @@ from bench.pipeline import (
     FMT,
     METHODS,
     Recorder,
+    Route,
     load_average,
     machine,
     percentile,
@@ -181,6 +182,7 @@ def measure(method: str, base: Path, label: str, impulses: int, **kwargs: Any) -
         vm_rec.stop()
         host_rec.stop()
         status = route.dom0_status()
+        guest_status = _guest_status(route)
     app = app_times(starts, writes)
     vm_times, vm_spread = onset_times(vm_rec)
     host_times, host_spread = onset_times(host_rec)
@@ -210,7 +212,23 @@ def measure(method: str, base: Path, label: str, impulses: int, **kwargs: Any) -
     }
     if status is not None:
         result["dom0_status_playback"] = _playback_summary(status)
+    if guest_status is not None:
+        result["guest_status"] = {
+            k: guest_status.get(k) for k in ("latency_us", "dropped_bytes", "state")
+        }
     return result
+
+
+def _guest_status(route: Route) -> dict[str, Any] | None:
+    """The guest agent's status file, which holds its own end-to-end latency estimate."""
+    if route.method != "qvaudio":
+        return None
+    path = Path(route.vm.env["XDG_RUNTIME_DIR"]) / "qvaudio" / "guest-status.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _playback_summary(status: dict[str, Any]) -> dict[str, Any]:
