@@ -24,6 +24,9 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${QV_XEN_RESULTS:-$REPO/results/xen/$STAMP}
 TIMEOUT=${QV_XEN_TIMEOUT:-480}
 QEMU_MEM=${QEMU_MEM:-2048}; DOM0_MEM=${DOM0_MEM:-1024}; DOMU_MEM=${DOMU_MEM:-512}
+# The agents' buffering (their ordinary settings; see docs/xen.md).
+DOM0_LATENCY_MS=${QV_XEN_DOM0_LATENCY_MS:-60}; CAPTURE_PERIOD_MS=${QV_XEN_CAPTURE_PERIOD_MS:-10}
+GUEST_PERIOD_MS=${QV_XEN_GUEST_PERIOD_MS:-10}
 QEMU_CPU=${QEMU_CPU:-max}; QEMU_ACCEL=${QEMU_ACCEL:-tcg}; QEMU_ICOUNT=${QEMU_ICOUNT-shift=0,sleep=off}
 # spec-ctrl=eager-fpu: without it Xen switches FPU state lazily on this (AMD-looking)
 # emulated CPU and QEMU's TCG ignores CR0.TS for XSAVE/XRSTOR, so XMM registers
@@ -216,6 +219,8 @@ stage_overlay() {   # stage_overlay STAGE BASE INIT ROLE: qvaudio compiled by th
     (cd "$REPO" && tar -c --exclude=__pycache__ --exclude='*.pyc' qvaudio) | tar -C "$S$SP" -x
     cp "$REPO/qvaudio.yaml" "$S/etc/qvaudio/qvaudio.yaml"
     cp "$DRIVER" "$S/opt/qvtest/"
+    printf '{"dom0_latency_ms": %d, "dom0_capture_period_ms": %d, "guest_period_ms": %d}\n' \
+        "$DOM0_LATENCY_MS" "$CAPTURE_PERIOD_MS" "$GUEST_PERIOD_MS" > "$S/opt/qvtest/settings.json"
     cp "$HERE/$INIT" "$S/init"; chmod 755 "$S/init"
     # compile and smoke-test inside the cached base root, with the overlay's package
     rm -rf "$BASE$SP/qvaudio" "$BASE/opt/qvtest"

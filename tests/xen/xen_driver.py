@@ -48,14 +48,20 @@ XENSTORED_SOCKET = "/run/xenstored/socket"
 VM_NAME = "qvtest"  # the name in the xl config; the domU's hostname is "imposter"
 VCHAN_PORT = 4790
 PLAY_HZ = 1000.0
-# Buffering for emulation. Under QEMU's TCG both domains run 10-50x slower than
-# on hardware and get descheduled for tens of milliseconds at a time, so the
-# shipped defaults (10 ms periods, 30 ms host latency) underrun there. These
-# are the agents' ordinary settings (qvaudio.yaml / command line), nothing else.
-DOM0_LATENCY_MS = 300
-DOM0_CAPTURE_PERIOD_MS = 40
-GUEST_PERIOD_MS = 40
+# The agents' buffering settings (qvaudio.yaml / command line); the host script
+# writes them to SETTINGS (from QV_XEN_* variables). The shipped defaults are
+# 30 ms host latency and 10 ms periods.
+SETTINGS = Path("/opt/qvtest/settings.json")
 DOM0_CONFIG = Path("/run/qv/qvaudio.yaml")
+
+
+def settings() -> dict[str, int]:
+    values = {"dom0_latency_ms": 30, "dom0_capture_period_ms": 10, "guest_period_ms": 10}
+    with contextlib.suppress(OSError, ValueError):
+        values.update({k: int(v) for k, v in json.loads(SETTINGS.read_text()).items()})
+    return values
+
+
 MIC_HZ = 660.0
 RESULT_TAG = "@@QVRESULT"
 PCM_ARGS = ["--raw", "--format=s16le", f"--rate={RATE}"]
@@ -335,7 +341,7 @@ class Helper:
                 "--pulse-server",
                 PULSE,
                 "--period-ms",
-                str(GUEST_PERIOD_MS),
+                str(settings()["guest_period_ms"]),
                 "-v",
             ],
             stdout=subprocess.PIPE,
@@ -671,12 +677,10 @@ class Dom0Driver:
         with self.phase("dom0_setup"):
             start_pulse()
             CONTROL.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            DOM0_CONFIG.write_text(f"dom0:\n  capture_period_ms: {DOM0_CAPTURE_PERIOD_MS}\n")
-            self.figures["settings"] = {
-                "dom0_latency_ms": DOM0_LATENCY_MS,
-                "dom0_capture_period_ms": DOM0_CAPTURE_PERIOD_MS,
-                "guest_period_ms": GUEST_PERIOD_MS,
-            }
+            tuning = self.figures["settings"] = settings()
+            DOM0_CONFIG.write_text(
+                f"dom0:\n  capture_period_ms: {tuning['dom0_capture_period_ms']}\n"
+            )
             self.agent = subprocess.Popen(
                 [
                     sys.executable,
@@ -694,7 +698,7 @@ class Dom0Driver:
                     "--config",
                     str(DOM0_CONFIG),
                     "--latency-ms",
-                    str(DOM0_LATENCY_MS),
+                    str(tuning["dom0_latency_ms"]),
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
