@@ -44,6 +44,7 @@ from qvaudio.dom0_session import (
     Action,
     Backoff,
     Disconnect,
+    Limits,
     Log,
     Notify,
     Play,
@@ -98,6 +99,7 @@ class Dom0Agent:
     def __init__(self, settings: Dom0Settings, *, policy_dir: Path, control_path: Path) -> None:
         self.settings = settings
         self.server = settings.pulse_server or None
+        self.limits = Limits(host_buffer_ms=settings.playback_latency_ms)
         self.selector = selectors.DefaultSelector()
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -313,7 +315,11 @@ class Dom0Agent:
             self._execute(old, old.session.shutdown("the VM called again"))
         target = Target(VmIdentity(name), UnixAddress(f"qrexec:{name}"), origin="qrexec call")
         session = VmSession(
-            target.identity, self.policy, now, mic_attached=name in self.mic_attached
+            target.identity,
+            self.policy,
+            now,
+            mic_attached=name in self.mic_attached,
+            limits=self.limits,
         )
         link = VmLink(target, stream, session, now, discovered=False)
         self.links[name] = link
@@ -333,7 +339,11 @@ class Dom0Agent:
             backoff.failed(now)
             return
         session = VmSession(
-            target.identity, self.policy, now, mic_attached=name in self.mic_attached
+            target.identity,
+            self.policy,
+            now,
+            mic_attached=name in self.mic_attached,
+            limits=self.limits,
         )
         link = VmLink(target, stream, session, now)
         self.links[name] = link
@@ -374,7 +384,6 @@ class Dom0Agent:
             session.host_status(
                 playback.played_frames, latency, capture.latency_us if capture else 0
             )
-            session.counters.underruns = playback.underruns
         actions = session.tick(now)
         try:
             pending = link.stream.data_ready() > 0

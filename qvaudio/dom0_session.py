@@ -157,6 +157,9 @@ class Limits:
     #: Audio buffered in dom0 for the host stream, per VM. Beyond it the oldest
     #: audio is dropped: late audio is worse than a skip, and memory stays bounded.
     playback_queue_ms: int = 60
+    #: The host stream's buffer: audio arriving later than this after the
+    #: previous audio played out means the host ran dry (an underrun).
+    host_buffer_ms: int = 30
     #: Read rate for audio that goes nowhere (playback denied or not agreed):
     #: enough to drain a legitimate guest's in-flight audio, bounded for a flood.
     discard_bytes_per_second: int = 48000 * 8 * 4
@@ -302,6 +305,8 @@ class VmSession:
             now,
         )
         self._denial_logged: set[Direction] = set()
+        #: When the host will have played all the audio sent so far (estimate).
+        self._playout_end: float | None = None
 
     def _send(self, event: Event) -> list[Action]:
         """Bytes for `event`, or nothing once the connection is closed.
@@ -567,8 +572,9 @@ class VmSession:
             case FormatOffer(stream=StreamKind.CAPTURE, formats=formats):
                 return self._negotiate_capture(formats, now)
             case PlaybackData(pcm=pcm):
-                return self._play(pcm)
+                return self._play(pcm, now)
             case Cork(corked=corked):
+                self._playout_end = None  # idle is not late
                 return [Log(logging.DEBUG, "corked" if corked else "uncorked")]
             case CaptureRequest(start=start):
                 self.capture_wanted = start
@@ -601,12 +607,20 @@ class VmSession:
         actions += self._send(FormatAccept(StreamKind.CAPTURE, fmt))
         return actions + self._reconcile_capture(now, requested=False)
 
-    def _play(self, pcm: bytes) -> list[Action]:
+    def _play(self, pcm: bytes, now: float) -> list[Action]:
         fmt = self.playback_format
         if not self.playback_active or fmt is None:
             self.counters.bytes_discarded += len(pcm)
             return []
         self.counters.bytes_received += len(pcm)
+        # Underruns: audio that comes after the audio before it has played out,
+        # with the host's buffer as slack. An estimate from arrival times: the
+        # host's own clock is not visible through the PulseAudio protocol.
+        slack = self.limits.host_buffer_ms / 1000
+        if self._playout_end is not None and now > self._playout_end + slack:
+            self.counters.underruns += 1
+        start = now if self._playout_end is None else max(self._playout_end, now)
+        self._playout_end = start + len(pcm) / fmt.bytes_per_second
         if self._pcm_tokens is not None:
             self._pcm_tokens.tokens -= len(pcm)
         return [Play(apply_gain(pcm, fmt, self.gain))]
@@ -619,6 +633,7 @@ class VmSession:
         initial = 1.0 if cap == 0 else min(1.0, settings.volume_default.value / cap)
         self.playback_active = True
         self._pcm_tokens = None
+        self._playout_end = None
         return [StartPlayback(fmt, initial)]
 
     def _stop_playback(self, reason: str) -> list[Action]:

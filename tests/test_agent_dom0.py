@@ -17,6 +17,7 @@ from qvaudio.protocol import (
     CaptureData,
     CaptureRequest,
     CaptureState,
+    Cork,
     FormatAccept,
     FormatRefuse,
     Goodbye,
@@ -210,3 +211,20 @@ def test_guest_restart_reconnects(dom0: Dom0) -> None:
     again.offer(S16)
     again.wait_for(lambda e: isinstance(e, FormatAccept))
     assert dom0.status()["vms"]["work"]["state"] == "open"
+
+
+def test_underruns_are_counted_only_while_playing(dom0: Dom0) -> None:
+    work = dom0.guest("work")
+    work.offer(S16)
+    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    work.stream_pcm(generate_sine(440, S16, 1.0, amplitude=0.5), S16).join()
+    time.sleep(0.4)  # the guest stalls without corking: the host runs dry
+    work.stream_pcm(generate_sine(440, S16, 0.5, amplitude=0.5), S16).join()
+    time.sleep(0.2)
+    assert dom0.status()["vms"]["work"]["counters"]["underruns"] == 1
+    work.send(Cork(True))
+    time.sleep(0.4)  # a corked guest is idle, not late
+    work.send(Cork(False))
+    work.stream_pcm(generate_sine(440, S16, 0.5, amplitude=0.5), S16).join()
+    time.sleep(0.2)
+    assert dom0.status()["vms"]["work"]["counters"]["underruns"] == 1

@@ -411,3 +411,20 @@ def test_request_and_goodbye_in_one_read_do_not_raise() -> None:
     actions = h.raw(wire)
     assert isinstance(actions[-1], Disconnect)
     assert h.session.closed
+
+
+def test_underruns_count_late_audio_but_not_idle_time() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    ten_ms = tone(S16, frames=480)
+    for _ in range(5):  # on time
+        h.send(PlaybackData(ten_ms))
+        h.now += 0.010
+    assert h.session.counters.underruns == 0
+    h.now += 0.045  # 45 ms late: the host's 30 ms buffer ran dry
+    h.send(PlaybackData(ten_ms))
+    assert h.session.counters.underruns == 1
+    h.send(Cork(True))
+    h.now += 5.0
+    h.send(Cork(False), PlaybackData(ten_ms))
+    assert h.session.counters.underruns == 1, "a corked guest is idle, not late"
