@@ -107,6 +107,7 @@ class Dom0Agent:
         self.links: dict[str, VmLink] = {}
         self.backoff: dict[str, Backoff] = {}
         self.mic_attached: set[str] = set()
+        self._connect_warned: set[str] = set()
         self.stopping = False
         self.policy_watcher = PolicyWatcher(
             policy_dir, interval=0.05, on_change=lambda p: self._post("policy", p)
@@ -335,9 +336,14 @@ class Dom0Agent:
             backoff.failed(now)
             return
         except TransportError as exc:
-            log.warning("%s: cannot connect to %s: %s", name, target.address, exc)
+            # Once per VM until it works: a retry every few seconds must not
+            # fill the journal with the same line.
+            level = logging.DEBUG if name in self._connect_warned else logging.WARNING
+            self._connect_warned.add(name)
+            log.log(level, "%s: cannot connect to %s: %s (will retry)", name, target.address, exc)
             backoff.failed(now)
             return
+        self._connect_warned.discard(name)
         session = VmSession(
             target.identity,
             self.policy,
