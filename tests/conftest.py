@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.audio_daemons", "tests.xenstored", "tests.dom0_harness"]
+pytest_plugins = [
+    "tests.audio_daemons",
+    "tests.xenstored",
+    "tests.dom0_harness",
+    "tests.pipeline_harness",
+]
