@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.xenstored",
     "tests.dom0_harness",
     "tests.pipeline_harness",
+    "tests.notification_daemon",
 ]

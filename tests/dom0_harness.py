@@ -68,6 +68,8 @@ class Dom0:
             d.mkdir(mode=0o700, exist_ok=True)
         write_policy(self.policy_dir, POLICY)
         self.guests: list[FakeGuest] = []
+        #: Tests that check notifications turn them on (and give a bus).
+        self.notifications = False
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *transports: str) -> None:
@@ -86,7 +88,7 @@ class Dom0:
                     *transport_args,
                     "--policy-dir", str(self.policy_dir),
                     "--control-socket", str(self.control),
-                    "--no-notifications", "-v",
+                    *([] if self.notifications else ["--no-notifications"]), "-v",
                 ],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
