@@ -11,8 +11,11 @@ the host sink's monitor are recorded at the same time; every 10 ms chunk is
 stamped with when its last sample was captured (time.monotonic() minus the
 record stream's latency), and each onset's time comes from the median of
 those stamps over the surrounding 2 s. Reported per method: median, p99 and
-max of (host onset - VM onset), and impulses that never reached the host.
-The first 5 impulses are a warm-up and are not counted.
+max of (host onset - VM onset); the same from the player's write of each
+impulse to the host (the fair figure for the tunnel, whose own monitor is
+filled in bursts and is no clock); and impulses missed on the host (no
+onset within 100 ms of the usual delay). The first 5 impulses are a warm-up
+and are not counted.
 
 Rows marked "non-default" rerun qvaudio with smaller buffers to show the
 trade-off (--no-extra skips them). Prints one JSON object.
