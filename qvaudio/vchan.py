@@ -197,6 +197,15 @@ def _raise_init_error(op: str, err: int, path: str, domain: int) -> NoReturn:
         )
     if not os.path.exists(_GNTDEV):
         raise XenUnavailableError(err, message, "no /dev/xen/gntdev: load the xen_gntdev module")
+    if err == errno_mod.EINVAL:
+        # Seen on real Xen: the server's process died without removing its
+        # XenStore entries, so the grant and event channel they name are gone.
+        raise VchanPeerNotFoundError(
+            err,
+            message,
+            f"the vchan published at {path} is stale (the agent in domain {domain} "
+            "stopped without removing it, or is restarting); retry when it is published again",
+        )
     raise VchanError(err, message, "check the Xen kernel modules (xen_gntdev, xen_evtchn)")
 
 

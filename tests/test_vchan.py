@@ -177,6 +177,20 @@ def test_client_with_xenstore_but_no_server_says_peer_not_found(
     assert store.requests and store.requests[0] == f"{GUEST_PATH}/ring-ref\0".encode()
 
 
+def test_stale_ring_is_peer_not_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # On real Xen, client_init fails with EINVAL when the server's process died
+    # without removing its entries: nobody is listening, the modules are fine.
+    fake_gntdev = tmp_path / "gntdev"
+    fake_gntdev.touch()
+    monkeypatch.setattr(vchan, "_GNTDEV", str(fake_gntdev))
+    monkeypatch.setenv("XENSTORED_PATH", str(fake_gntdev))
+    ffi.errno = errno.EINVAL
+    with pytest.raises(VchanPeerNotFoundError) as info:
+        vchan.check(ffi.NULL, "client_init", path=GUEST_PATH, domain=GUEST)
+    assert info.value.errno == errno.EINVAL
+    assert "stale" in info.value.hint and f"domain {GUEST}" in info.value.hint
+
+
 def test_quota_errno_becomes_quota_error() -> None:
     ffi.errno = errno.ENOSPC
     with pytest.raises(VchanQuotaError) as info:
