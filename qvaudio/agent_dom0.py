@@ -233,6 +233,11 @@ class Dom0Agent:
                 for link in list(self.links.values()):
                     with self._contained(link):
                         self._execute(link, link.session.update_policy(payload, now))
+                for name in list(self.mic_attached):
+                    attached = self.links.get(name)
+                    identity = attached.target.identity if attached else VmIdentity(name)
+                    if evaluate(payload, identity, Direction.CAPTURE).access is Access.DENY:
+                        self.mic_attached.discard(name)
             elif kind == "mic":
                 name, capture, chunk = payload
                 mic_link = self.links.get(name)
@@ -468,7 +473,13 @@ class Dom0Agent:
                     link.outbox += data
                 case Play(pcm=pcm):
                     if link.playback is not None:
-                        link.playback.put(pcm, link.session.playback_queue_limit())
+                        session = link.session
+                        link.playback.put(
+                            pcm,
+                            session.playback_queue_limit(),
+                            session.playback_hold(),
+                            session.playback_trim(),
+                        )
                 case StartPlayback(format=fmt, initial_volume=volume):
                     self._close_host(link.playback)
                     link.playback = HostPlayback(

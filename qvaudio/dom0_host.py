@@ -78,6 +78,11 @@ class HostPlayback:
         self.latency_us = 0
         self.underruns = 0
         self.late_drops = 0
+        #: The jitter reserve, in bytes (set with every `put`).
+        self.hold = 0
+        self.trim_after_s = 0.5
+        self._over_since: float | None = None
+        self._buffer_s = latency_ms / 1000
         self.last_write = time.monotonic()
         self.open_failures = 0
         self._thread = threading.Thread(target=self._run, name=f"play-{vm_name}", daemon=True)
@@ -98,21 +103,36 @@ class HostPlayback:
             self._queued == 0 or time.monotonic() - self.last_write < 0.5
         )
 
-    def put(self, pcm: bytes, limit: int) -> None:
-        """Queue `pcm`, dropping the oldest audio beyond `limit` bytes.
+    def put(self, pcm: bytes, limit: int, hold: int = 0, trim: int | None = None) -> None:
+        """Queue `pcm` (the session's numbers: see VmSession.playback_*).
 
-        After the host stalls (a server restart, a sink waking up) the guest
-        has a backlog; dropping what is too late keeps latency where it was
-        set instead of adding the stall to it for ever.
+        `limit`: never more than this queued; the oldest goes first. `hold`:
+        the reserve kept before the host stream (re)starts, the jitter
+        buffer. `trim`: a queue above this for a while is a backlog (after
+        the host stalled, say) and is cut back to `hold`, so latency returns
+        to what it was instead of keeping every stall for ever.
         """
+        now = time.monotonic()
         with self._cond:
+            self.hold = hold
             self._queue.append(pcm)
             self._queued += len(pcm)
             while self._queued > limit and len(self._queue) > 1:
-                dropped = self._queue.popleft()
-                self._queued -= len(dropped)
-                self.late_drops += 1
+                self._drop_oldest()
+            if trim is None or self._queued <= trim:
+                self._over_since = None
+            elif self._over_since is None:
+                self._over_since = now
+            elif now - self._over_since > self.trim_after_s:
+                while self._queued > hold and len(self._queue) > 1:
+                    self._drop_oldest()
+                self._over_since = None
             self._cond.notify()
+
+    def _drop_oldest(self) -> None:
+        dropped = self._queue.popleft()
+        self._queued -= len(dropped)
+        self.late_drops += 1
 
     def stop(self) -> None:
         """Stop without waiting: the agent's loop must never block on the host server."""
@@ -173,6 +193,7 @@ class HostPlayback:
                     stream.close()
 
     def _pump(self, stream: PcmStream) -> None:
+        priming = True
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
@@ -182,6 +203,17 @@ class HostPlayback:
                     return
                 if not self._queue:
                     continue
+                if time.monotonic() - self.last_write > self._buffer_s:
+                    priming = True  # the host has run dry: start again with a reserve
+                if priming:
+                    deadline = time.monotonic() + 0.5
+                    while self._queued < self.hold and not self._stop:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not self._cond.wait(timeout=left):
+                            break
+                    priming = False
+                    if self._stop or not self._queue:
+                        continue
                 chunk = self._queue.popleft()
                 self._queued -= len(chunk)
                 ran_dry = not self._queue

@@ -160,6 +160,19 @@ class Limits:
     #: The host stream's buffer: audio arriving later than this after the
     #: previous audio played out means the host ran dry (an underrun).
     host_buffer_ms: int = 30
+    #: Adaptive jitter buffer: audio held in dom0 on top of the host buffer.
+    #: It starts at `jitter_start_ms`, grows by `jitter_step_ms` with every
+    #: underrun up to `jitter_max_ms`, and shrinks by a step after each
+    #: `jitter_decay_s` without one: a quiet machine keeps its low latency,
+    #: a busy one trades some latency for no crackle.
+    jitter_start_ms: int = 0
+    jitter_step_ms: int = 10
+    jitter_max_ms: int = 100
+    jitter_decay_s: float = 30.0
+    #: A backlog this far above the jitter target, kept for `trim_after_s`,
+    #: is dropped down to the target (latency recovers after a stall).
+    trim_margin_ms: int = 20
+    trim_after_s: float = 0.5
     #: Read rate for audio that goes nowhere (playback denied or not agreed):
     #: enough to drain a legitimate guest's in-flight audio, bounded for a flood.
     discard_bytes_per_second: int = 48000 * 8 * 4
@@ -307,6 +320,8 @@ class VmSession:
         self._denial_logged: set[Direction] = set()
         #: When the host will have played all the audio sent so far (estimate).
         self._playout_end: float | None = None
+        self.jitter_ms = self.limits.jitter_start_ms
+        self._jitter_changed = now
 
     def _send(self, event: Event) -> list[Action]:
         """Bytes for `event`, or nothing once the connection is closed.
@@ -342,11 +357,24 @@ class VmSession:
         return percent_to_gain(self._playback.settings.volume_max.value)
 
     def playback_queue_limit(self) -> int:
-        """Bytes of capped audio the shell may queue for the host stream."""
+        """Bytes of capped audio the shell may queue for the host stream at most."""
         fmt = self.playback_format
         if fmt is None:
             return 0
-        return max(fmt.bytes_for_ms(self.limits.playback_queue_ms), fmt.frame_size)
+        cap_ms = max(self.limits.playback_queue_ms, self.jitter_ms + 2 * self.limits.trim_margin_ms)
+        return max(fmt.bytes_for_ms(cap_ms), fmt.frame_size)
+
+    def playback_hold(self) -> int:
+        """Bytes the shell keeps in reserve before (re)starting the host stream."""
+        fmt = self.playback_format
+        return fmt.bytes_for_ms(self.jitter_ms) if fmt is not None else 0
+
+    def playback_trim(self) -> int:
+        """A queue above this many bytes for `trim_after_s` is trimmed to the hold."""
+        fmt = self.playback_format
+        if fmt is None:
+            return 0
+        return fmt.bytes_for_ms(self.jitter_ms + self.limits.trim_margin_ms)
 
     def read_budget(self, now: float, queued_bytes: int) -> int:
         """How many bytes the shell may read from the guest right now.
@@ -418,6 +446,11 @@ class VmSession:
         self._capture = evaluate(policy, self.vm, Direction.CAPTURE)
         self._denial_logged.clear()
         actions: list[Action] = []
+        if self._capture.access is Access.DENY and self.mic_attached:
+            # A deny is the user's stronger word: it ends the attachment too, so
+            # relaxing the policy later does not silently reopen the microphone.
+            self.mic_attached = False
+            actions.append(Log(logging.INFO, "microphone detached: the policy now denies it"))
         if old_playback.settings.volume_max != self._playback.settings.volume_max:
             actions.append(
                 Log(
@@ -466,6 +499,11 @@ class VmSession:
             )
         if self.conn.state is not ConnectionState.OPEN:
             return []
+        if (
+            self.jitter_ms > limits.jitter_start_ms
+            and now - self._jitter_changed > limits.jitter_decay_s
+        ):
+            self._adapt_jitter(now, -limits.jitter_step_ms)
         interval = (
             limits.position_interval
             if self.playback_active and not self.conn.corked
@@ -616,9 +654,10 @@ class VmSession:
         # Underruns: audio that comes after the audio before it has played out,
         # with the host's buffer as slack. An estimate from arrival times: the
         # host's own clock is not visible through the PulseAudio protocol.
-        slack = self.limits.host_buffer_ms / 1000
+        slack = (self.limits.host_buffer_ms + self.jitter_ms) / 1000
         if self._playout_end is not None and now > self._playout_end + slack:
             self.counters.underruns += 1
+            self._adapt_jitter(now, +self.limits.jitter_step_ms)
         start = now if self._playout_end is None else max(self._playout_end, now)
         self._playout_end = start + len(pcm) / fmt.bytes_per_second
         if self._pcm_tokens is not None:
@@ -626,6 +665,13 @@ class VmSession:
         return [Play(apply_gain(pcm, fmt, self.gain))]
 
     # -- reconciling state with policy ---------------------------------------------------
+
+    def _adapt_jitter(self, now: float, step_ms: int) -> None:
+        limits = self.limits
+        self.jitter_ms = min(
+            max(self.jitter_ms + step_ms, limits.jitter_start_ms), limits.jitter_max_ms
+        )
+        self._jitter_changed = now
 
     def _start_playback(self, fmt: AudioFormat) -> list[Action]:
         settings = self._playback.settings
@@ -754,6 +800,7 @@ class VmSession:
                 "active": self.playback_active,
                 "format": str(pfmt) if pfmt else None,
                 "volume_max": self._playback.settings.volume_max.value,
+                "jitter_buffer_ms": self.jitter_ms,
                 "corked": self.conn.corked,
                 "latency_us": self._host.playback_latency_us,
             },

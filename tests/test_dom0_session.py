@@ -357,6 +357,7 @@ def test_identity_comes_from_the_shell_only() -> None:
         "active": False,
         "format": None,
         "volume_max": 100,
+        "jitter_buffer_ms": 0,
         "corked": False,
         "latency_us": 0,
     }
@@ -428,3 +429,44 @@ def test_underruns_count_late_audio_but_not_idle_time() -> None:
     h.now += 5.0
     h.send(Cork(False), PlaybackData(ten_ms))
     assert h.session.counters.underruns == 1, "a corked guest is idle, not late"
+
+
+def test_jitter_buffer_grows_with_underruns_and_shrinks_when_quiet() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    assert h.session.jitter_ms == 0 and h.session.playback_hold() == 0
+    ten_ms = tone(S16, frames=480)
+    for _ in range(3):  # three late arrivals: three underruns
+        h.send(PlaybackData(ten_ms))
+        h.now += 0.5
+    h.send(PlaybackData(ten_ms))
+    assert h.session.counters.underruns == 3
+    assert h.session.jitter_ms == 30
+    assert h.session.playback_hold() == S16.bytes_for_ms(30)
+    assert h.session.playback_trim() == S16.bytes_for_ms(50)
+    assert h.session.playback_queue_limit() == S16.bytes_for_ms(70)
+    # A late chunk within host buffer + jitter is no longer an underrun.
+    h.now += 0.055
+    h.send(PlaybackData(ten_ms))
+    assert h.session.counters.underruns == 3
+    h.run(h.session.tick(h.now + 31))
+    assert h.session.jitter_ms == 20
+    for step in range(2, 12):
+        h.run(h.session.tick(h.now + 31 * step))
+    assert h.session.jitter_ms == 0
+    for _ in range(20):
+        h.now += 0.5
+        h.send(PlaybackData(ten_ms))
+    assert h.session.jitter_ms == 100, "capped"
+
+
+def test_a_deny_ends_the_microphone_attachment() -> None:
+    h = Harness(ON_REQUEST)
+    h.negotiate()
+    h.run(h.session.set_mic_attached(True, h.now))
+    h.run(h.session.update_policy(DENY_ALL, h.now))
+    assert not h.session.mic_attached
+    h.run(h.session.update_policy(ON_REQUEST, h.now))
+    h.send(CaptureRequest(True))
+    assert h.received[-1].status is StreamStatus.DENIED  # type: ignore[attr-defined]
+    assert not h.session.capture_running
