@@ -1034,7 +1034,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
         "pass": inner is not None,
         "detail": "dom0 printed a result" if inner else "no valid result",
     }
-    checks["qemu_finished"] = {"pass": qemu.get("timed_out") == "0", "detail": qemu}
+    checks["qemu_finished"] = {
+        "pass": qemu.get("timed_out") == "0" and qemu.get("qemu_rc") == "0",
+        "detail": qemu,
+    }
     eager = re.search(r"Support for PV VMs:.*EAGER_FPU", serial)
     checks["eager_fpu_active"] = {
         "pass": bool(eager),
