@@ -9,6 +9,12 @@ stand-in (`tests.guest_peer.Dom0Peer`) that timestamps every arrival.
 * `idle_cpu_percent`: the agent's CPU (utime+stime from /proc) while dom0 is
   connected and nothing plays.
 * `playback_cpu_s_per_min`: its CPU seconds per minute of 48 kHz stereo playback.
+* start of sound (`start_of_sound`): after at least 6 s of idle (corked, the
+  server's own idle suspension included), `pacat` plays a 1 s tone that is
+  loud from its first sample. `first_pcm_ms` is from its sink input's
+  creation to the arrival at the peer of the chunk holding the tone's first
+  loud sample; `lost_ms` is how much of the tone never arrived (1 ms windows
+  without sound), so a start cut off shows there. Repeated `--trials` times.
 * latency: a click train (a 5 ms burst every 200 ms) is played with `pacat`
   into the sink; each click's send time is the moment `pacat`'s sink input
   started plus the click's position in the file, and its arrival is when the
@@ -46,6 +52,9 @@ CLICK_MS = 5
 CLICKS = 50
 SINK = "qvaudio_out"
 CLICKER = "qvaudio-bench-clicks"
+TONE_APP = "qvaudio-bench-tone"
+TONE_S = 1.0
+IDLE_BEFORE_TONE_S = 6.0
 
 
 def raw_args(program: str) -> list[str]:
@@ -98,12 +107,44 @@ def sink_input_start(server: AudioServer, app: str, timeout: float = 5.0) -> flo
     raise RuntimeError(f"{app} never appeared")
 
 
+def start_of_sound(
+    server: AudioServer, env: dict[str, str], peer: Dom0Peer, raw: Path
+) -> dict[str, float]:
+    """One tone after a long idle: when its first sample arrived, and how much of it was lost."""
+    time.sleep(IDLE_BEFORE_TONE_S)
+    offset = peer.pcm_length
+    player = subprocess.Popen([*raw_args("pacat"), f"--client-name={TONE_APP}", str(raw)], env=env)
+    started = sink_input_start(server, TONE_APP)
+    player.wait(30)
+    time.sleep(0.5)
+    with peer.lock:
+        chunks = [(t, o, n) for t, o, n in peer.chunks if o + n > offset]
+        received = bytes(peer.pcm)
+    first = None
+    for arrived, start, length in chunks:
+        if any(abs(v) > 1000 for v in array("h", received[max(start, offset) : start + length])):
+            first = arrived
+            break
+    pcm = received[offset:]
+    samples = array("h", pcm)
+    window = FMT.rate // 1000 * FMT.channels
+    sounding = sum(
+        1
+        for i in range(0, len(samples) - window + 1, window)
+        if any(abs(v) > 1000 for v in samples[i : i + window])
+    )
+    return {
+        "first_pcm_ms": round((first - started) * 1000, 1) if first is not None else -1.0,
+        "lost_ms": float(max(0, round(TONE_S * 1000) - sounding)),
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(kind: str, seconds: float) -> dict[str, Any]:
+def run(kind: str, seconds: float, trials: int) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="qvb-"))
     server: AudioServer = (PulseAudioServer if kind == "pulseaudio" else PipeWireServer)(
         "bench", base / "server"
@@ -128,6 +169,13 @@ def run(kind: str, seconds: float) -> dict[str, Any]:
         before, t0 = cpu_seconds(agent.pid), time.monotonic()
         time.sleep(seconds)
         idle = (cpu_seconds(agent.pid) - before) / (time.monotonic() - t0) * 100
+
+        tone_raw = base / "tone.raw"
+        tone_raw.write_bytes(
+            array("h", [8000, 8000, -8000, -8000] * int(FMT.rate * TONE_S // 2)).tobytes()
+        )
+        starts = [start_of_sound(server, env, peer, tone_raw) for _ in range(trials)]
+        first_ms = [s["first_pcm_ms"] for s in starts]
 
         # Playback cost: a continuous tone.
         raw = base / "noise.raw"
@@ -200,6 +248,13 @@ def run(kind: str, seconds: float) -> dict[str, Any]:
             "server": kind,
             "idle_seconds": seconds,
             "idle_cpu_percent": round(idle, 3),
+            "start_of_sound": {
+                "trials": trials,
+                "first_pcm_ms_median": round(statistics.median(first_ms), 1),
+                "first_pcm_ms_max": max(first_ms),
+                "lost_ms_max": max(s["lost_ms"] for s in starts),
+                "each": starts,
+            },
             "playback_seconds": round(played_s, 1),
             "playback_cpu_s_per_min": round(busy_s / played_s * 60, 2),
             "playback_cpu_percent": round(busy_s / played_s * 100, 2),
@@ -218,9 +273,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", choices=["pulseaudio", "pipewire", "both"], default="both")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--trials", type=int, default=5, help="start-of-sound repetitions")
     args = parser.parse_args()
     kinds = ["pulseaudio", "pipewire"] if args.server == "both" else [args.server]
-    results = [run(kind, args.seconds) for kind in kinds]
+    results = [run(kind, args.seconds, args.trials) for kind in kinds]
     json.dump({"guest_agent": results}, sys.stdout, indent=1)
     sys.stdout.write("\n")
 

@@ -9,7 +9,10 @@ the devices, then listens to the server's events and reports how many
 applications play into the virtual output and record from the virtual
 microphone. When the server goes away (restart, crash) it reconnects with
 back-off and recreates the devices. It reports to the agent's main loop only
-through `post`, never by touching the loop's state.
+through `post`, never by touching the loop's state. On PulseAudio it also
+keeps the virtual output suspended while no application plays into it (see
+`qvaudio.guest_session.IdleMethod`): it is the first to hear that a stream
+appeared, so resuming there adds no hop through the main loop.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import pulsectl
+import pulsectl._pulsectl
 
 from qvaudio import pulse_devices
 from qvaudio.formats import AudioFormat
+from qvaudio.guest_session import IdleMethod, idle_method, sink_suspension
 from qvaudio.pulse_devices import Pulse
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,8 @@ STOP_TIMEOUT_S: Final = 3.0
 #: its remembered default a moment later. After it, a change is the user's.
 DEFAULTS_GRACE_S: Final = 5.0
 _EVENT_FACILITIES: Final = ("sink_input", "source_output", "sink", "source", "server")
+#: A source output's property naming the agent's stream, so that exactly it can be ended.
+STREAM_TOKEN_KEY: Final = "org.qvaudio.stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +176,14 @@ class GuestDevices:
         sources = {s.name for s in pulse.source_list()}
         return self.spec.sink_name in sinks and self.spec.source_name in sources
 
+    def keep_idle_sink_quiet(self, pulse: Pulse, method: IdleMethod, players: int) -> None:
+        """Suspend or resume the virtual output as `sink_suspension` decides."""
+        sink = pulse.get_sink_by_name(self.spec.sink_name)
+        change = sink_suspension(method, players, sink.state == "suspended")
+        if change is not None:
+            pulse.sink_suspend(sink.index, int(change))
+            log.debug("%s %s", "suspended" if change else "resumed", self.spec.sink_name)
+
     def usage(self, pulse: Pulse) -> Usage:
         sink = pulse.get_sink_by_name(self.spec.sink_name)
         players = sum(1 for si in pulse.sink_input_list() if si.sink == sink.index)
@@ -230,14 +245,16 @@ class AudioServerWatcher:
         while not self._stopping.is_set():
             try:
                 with pulse_devices.connect(CLIENT_NAME + "-watch", self.server) as pulse:
+                    method = idle_method(str(pulse.server_info().server_name))
                     self.devices.setup(pulse)
                     usage = self.devices.usage(pulse)
+                    self.devices.keep_idle_sink_quiet(pulse, method, usage.players)
                     if lost_before:
                         log.info("audio server is back: virtual devices recreated")
                     self._post(DevicesReady(usage))
                     delay = FIRST_RETRY_S
                     self._pulse = pulse
-                    self._watch(pulse, usage)
+                    self._watch(pulse, usage, method)
             except (
                 pulsectl.PulseError,
                 pulsectl.PulseDisconnected,
@@ -258,7 +275,7 @@ class AudioServerWatcher:
                 break
             delay = min(delay * 2, MAX_RETRY_S)
 
-    def _watch(self, pulse: Pulse, usage: Usage) -> None:
+    def _watch(self, pulse: Pulse, usage: Usage, method: IdleMethod) -> None:
         changed = False
         grace_until = time.monotonic() + DEFAULTS_GRACE_S
 
@@ -285,6 +302,7 @@ class AudioServerWatcher:
                 log.warning("the virtual devices were removed by someone else: recreating them")
                 self.devices.setup(pulse)
             now = self.devices.usage(pulse)
+            self.devices.keep_idle_sink_quiet(pulse, method, now.players)
             if now != usage:
                 usage = now
                 self._post(UsageChanged(usage))
@@ -299,15 +317,45 @@ def restart_sink_clock(server: str | None, sink_name: str) -> None:
     late, in one lump) for up to that long. Suspending and resuming the sink
     restarts its clock at once with the new, short period. PipeWire's graph
     has no such stall, and there the suspension would only cut a few
-    milliseconds out of whatever plays, so it is skipped. Best effort: a
-    failure only means the stall.
+    milliseconds out of whatever plays, so it is skipped. A suspended sink
+    is left alone: it restarts its clock when resumed, and the watcher keeps
+    the idle virtual output suspended on purpose. Best effort: a failure
+    only means the stall.
     """
     try:
         with pulse_devices.connect(CLIENT_NAME + "-clock", server) as pulse:
-            if "pipewire" in str(pulse.server_info().server_name).lower():
+            if idle_method(str(pulse.server_info().server_name)) is not IdleMethod.SUSPEND_SINK:
                 return
-            index = pulse.get_sink_by_name(sink_name).index
-            pulse.sink_suspend(index, 1)
-            pulse.sink_suspend(index, 0)
+            sink = pulse.get_sink_by_name(sink_name)
+            if sink.state == "suspended":
+                return
+            pulse.sink_suspend(sink.index, 1)
+            pulse.sink_suspend(sink.index, 0)
     except pulsectl.PulseError as exc:
         log.debug("could not restart the clock of %s: %s", sink_name, exc)
+
+
+#: pulsectl binds pa_context_kill_source_output but wraps no method around it;
+#: its own wrapper factory makes one, as for its other per-index calls.
+_kill_source_output: Any = pulsectl.Pulse._pulse_method_call(
+    pulsectl._pulsectl.pa.context_kill_source_output, None
+)
+
+
+def end_stream(server: str | None, token: str) -> bool:
+    """End the record stream carrying `token` from the server's side; True if one was found.
+
+    A blocked pa_simple_read cannot be interrupted by its client, but
+    returns with an error once the server kills its stream.
+    """
+    try:
+        with pulse_devices.connect(CLIENT_NAME + "-reap", server) as pulse:
+            found = False
+            for output in pulse.source_output_list():
+                if output.proplist.get(STREAM_TOKEN_KEY) == token:
+                    _kill_source_output(pulse, output.index)
+                    found = True
+            return found
+    except pulsectl.PulseError as exc:
+        log.debug("could not end the stream %s: %s", token, exc)
+        return False

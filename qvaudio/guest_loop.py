@@ -17,10 +17,13 @@ application plays. Opening it only when an application starts was tried and
 loses the start of the sound: a PulseAudio null sink with no low-latency
 reader renders in blocks of up to 2 s, so by the time a new monitor stream
 is connected the application's first ~2 s have already been rendered (and
-were never recorded). With the stream always open the sink keeps running at
-our period. While corked, the reader thread drops the null sink's digital
-silence itself, so an idle VM costs one C-level read per period and no
-wake-up of this loop.
+were never recorded). The open stream should still cost nothing while
+idle: reading the null sink's silence every period costs ~2 % of a CPU. On
+PulseAudio the watcher therefore suspends the idle sink and resumes it when
+an application's stream appears (the stream's audio waits for the resume);
+the monitor delivers nothing meanwhile and the reader sleeps in C. On
+PipeWire the reader still reads and drops the silence itself
+(`qvaudio.guest_session.IdleMethod`), which at least does not wake this loop.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -19,12 +20,15 @@ from dataclasses import dataclass
 from typing import Final
 
 from qvaudio.formats import AudioFormat
-from qvaudio.guest_devices import restart_sink_clock
+from qvaudio.guest_devices import STREAM_TOKEN_KEY, end_stream, restart_sink_clock
 from qvaudio.pulse_pcm import PcmStream, PulseError
 
 log = logging.getLogger(__name__)
 
 APP_NAME: Final = "qvaudio-guest"
+#: A stopped reader still reading after this long is blocked on an idle monitor.
+REAP_AFTER_S: Final = 0.2
+_tokens = itertools.count(1)
 
 
 class Mailbox:
@@ -80,7 +84,12 @@ class MonitorFailed:
 
 
 class MonitorReader:
-    """Records the monitor of the virtual output `sink` in `fmt`, one period per message."""
+    """Records the monitor of the virtual output `sink` in `fmt`, one period per message.
+
+    On PulseAudio an idle monitor delivers nothing at all (the sink is
+    suspended, see `qvaudio.guest_session.IdleMethod`) and the thread sleeps
+    in C until an application plays.
+    """
 
     def __init__(
         self, mailbox: Mailbox, server: str | None, sink: str, fmt: AudioFormat, period_ms: int
@@ -90,6 +99,7 @@ class MonitorReader:
         self._server = server
         self._sink = sink
         self._period_bytes = fmt.bytes_for_ms(period_ms)
+        self._token = f"monitor-{os.getpid()}-{next(_tokens)}"
         #: Set by the loop while dom0 is told nothing plays: silence is then
         #: dropped here, since `GuestSession.audio` ignores silence while
         #: corked, and an idle VM should not wake the loop 100 times a second.
@@ -100,8 +110,21 @@ class MonitorReader:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to end; it closes its stream within one period."""
+        """Ask the thread to end; it closes its stream within one period, or soon if idle."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        if self._thread.is_alive():
+            # Off the caller's thread: the audio server may be slow to answer.
+            threading.Thread(target=self._reap, name="monitor-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
+        # An idle monitor delivers nothing, so the read may never return by
+        # itself; left alone, the thread and its stream would linger until
+        # the next sound.
+        self._thread.join(REAP_AFTER_S)
+        if self._thread.is_alive():
+            end_stream(self._server, self._token)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -127,7 +150,11 @@ class MonitorReader:
                 APP_NAME,
                 "dom0 speakers",
                 self._period_bytes,
-                props={"media.role": "production", "application.id": "org.qvaudio.guest"},
+                props={
+                    "media.role": "production",
+                    "application.id": "org.qvaudio.guest",
+                    STREAM_TOKEN_KEY: self._token,
+                },
             )
         except PulseError as exc:
             self._mailbox.post(MonitorFailed(self, str(exc)))

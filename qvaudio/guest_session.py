@@ -9,12 +9,18 @@ desktop notice when the microphone is refused, the true end-to-end latency.
 Idle handling: after `idle_timeout` seconds of digital silence (or when the
 shell says nothing plays), the stream is corked and nothing is sent; the
 first non-silent period uncorks it, so sound resumes within one period.
+
+An idle agent must also cost no CPU, so its monitor stream must deliver
+nothing while no application plays, yet stay connected (a stream opened
+when an application starts misses the start of its sound). `IdleMethod`
+and `sink_suspension` decide how, per audio server.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import Enum
 
 from qvaudio.connection import Connection, ConnectionState
 from qvaudio.formats import AudioFormat
@@ -251,6 +257,15 @@ class GuestSession:
             return self._close(
                 f"nothing heard from dom0 for {self.config.peer_timeout:g} s", goodbye=None
             )
+        if (
+            not self.conn.corked
+            and self.conn.state is ConnectionState.OPEN
+            and now - self._last_sound >= self.config.idle_timeout
+        ):
+            # A suspended monitor delivers no silence to time out on, and
+            # the shell's count of playing applications is the only other
+            # way to learn that the sound has ended.
+            return [*self._send(Cork(True)), Log(logging.DEBUG, "no sound: corked")]
         return []
 
     def shutdown(self, reason: str) -> list[Action]:
@@ -327,6 +342,43 @@ class GuestSession:
             actions.append(Send(goodbye))
         actions.append(Disconnect(reason))
         return actions
+
+
+class IdleMethod(Enum):
+    """How the virtual output's monitor is kept quiet while no application plays."""
+
+    #: PulseAudio: the agent suspends the sink; its monitor then delivers
+    #: nothing, and a resumed sink restarts its clock with our short period.
+    #: An application's stream created meanwhile waits for the resume.
+    SUSPEND_SINK = "suspend-sink"
+    #: PipeWire: suspending a sink that a stream is linked to does not stop
+    #: its graph, so the monitor keeps delivering silence, which the reader
+    #: drops. (A passive monitor stream, node.passive=true, does stop: tried,
+    #: and on PipeWire 0.3.65 the next sound then sometimes started with a
+    #: stale fragment and a gap, so it is not used yet.)
+    READ_SILENCE = "read-silence"
+
+
+def idle_method(server_name: str) -> IdleMethod:
+    """The method for a server, from its `server_info().server_name`."""
+    if "pipewire" in server_name.lower():
+        return IdleMethod.READ_SILENCE
+    return IdleMethod.SUSPEND_SINK
+
+
+def sink_suspension(method: IdleMethod, players: int, suspended: bool) -> bool | None:
+    """True: suspend the virtual output now; False: resume it; None: leave it.
+
+    Asked again after every change on the server, so a resume by someone
+    else (the monitor's clock restart, a user) while nothing plays is undone.
+    """
+    if method is not IdleMethod.SUSPEND_SINK:
+        return None
+    if players == 0 and not suspended:
+        return True
+    if players > 0 and suspended:
+        return False
+    return None
 
 
 class LatencyReport:

@@ -208,6 +208,66 @@ def test_silence_corks_and_sound_uncorks(agent: Agent, peer: Dom0Peer) -> None:
     wait_for(lambda: agent.status()["state"] == "idle", "state idle in the status file")
 
 
+def monitor_streams(agent: Agent) -> list[Any]:
+    with agent.pulse() as p:
+        monitor = p.get_source_by_name(f"{SINK}.monitor")
+        return [o for o in p.source_output_list() if o.source == monitor.index]
+
+
+def sink_suspended(agent: Agent) -> bool:
+    with agent.pulse() as p:
+        return bool(p.get_sink_by_name(SINK).state == "suspended")
+
+
+def test_idle_sink_is_suspended_yet_keeps_the_whole_sound(
+    audio_server: AudioServer, agent: Agent, peer: Dom0Peer
+) -> None:
+    """On PulseAudio the idle virtual output is suspended (its monitor then
+    delivers nothing), resumed while an application plays, and the sound
+    starting from there arrives whole."""
+    suspends = audio_server.kind == "pulseaudio"
+    if suspends:
+        wait_for(lambda: sink_suspended(agent), "the idle virtual output suspended")
+    start = peer.pcm_length
+    player = play(agent, 440.0, 1.0)
+    if suspends:
+        wait_for(lambda: not sink_suspended(agent), "the virtual output resumed for the sound")
+    assert player.wait(DEADLINE_S) == 0
+    time.sleep(0.3)
+    assert peer.playback_format is not None
+    pcm = peer.pcm_since(start)
+    assert_tone(pcm, peer.playback_format, 440.0, agent.log())
+    samples = tone.decode_mono(pcm, peer.playback_format)
+    onset, offset = tone.find_onset(samples), tone.find_offset(samples)
+    assert onset is not None and offset is not None
+    # Not a timing check: the tone's samples themselves, all but a period of them.
+    assert offset - onset >= 0.98 * peer.playback_format.rate, "the start of the sound was lost"
+    if suspends:
+        wait_for(lambda: sink_suspended(agent), "the virtual output suspended again")
+    else:
+        assert not sink_suspended(agent)
+
+
+def test_dom0_reconnecting_while_idle_leaves_one_monitor_stream(
+    agent: Agent, peer: Dom0Peer
+) -> None:
+    """A stopped reader blocked on a quiet monitor does not linger with its stream."""
+    for _ in range(2):
+        before = {o.index for o in monitor_streams(agent)}
+        peer.close()
+        peer = Dom0Peer(agent.socket)
+
+        def only_a_new_stream(old: set[int] = before) -> bool:
+            indexes = {o.index for o in monitor_streams(agent)}
+            return len(indexes) == 1 and not indexes & old
+
+        wait_for(only_a_new_stream, "the new connection's monitor stream alone")
+    try:
+        play_and_check(agent, peer, 440.0)
+    finally:
+        peer.close()
+
+
 # -- microphone ---------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from qvaudio.guest_session import (
     Disconnect,
     GuestConfig,
     GuestSession,
+    IdleMethod,
     LatencyReport,
     MicAudio,
     MicFormat,
@@ -18,6 +19,8 @@ from qvaudio.guest_session import (
     Send,
     StartMonitor,
     StopMonitor,
+    idle_method,
+    sink_suspension,
 )
 from qvaudio.protocol import (
     CaptureData,
@@ -176,7 +179,7 @@ def test_latency_is_end_to_end() -> None:
 def test_silent_dom0_means_a_dead_transport() -> None:
     h = Harness()
     h.accept_all()
-    assert h.run(h.session.tick(h.now + 4)) == []
+    assert not [a for a in h.run(h.session.tick(h.now + 4)) if isinstance(a, Disconnect)]
     actions = h.run(h.session.tick(h.now + 6))
     assert isinstance(actions[-1], Disconnect)
     assert h.session.closed
@@ -211,3 +214,36 @@ def test_latency_is_logged_on_change_or_every_so_often() -> None:
     assert report.due(75_000, 32.0)  # steady, but 30 s passed
     report.reset()
     assert report.due(75_000, 33.0)
+
+
+def test_idle_method_follows_the_server() -> None:
+    assert idle_method("pulseaudio") is IdleMethod.SUSPEND_SINK
+    assert idle_method("PulseAudio (on PipeWire 0.3.65)") is IdleMethod.READ_SILENCE
+
+
+def test_pulseaudio_sink_is_suspended_exactly_while_nothing_plays() -> None:
+    method = IdleMethod.SUSPEND_SINK
+    assert sink_suspension(method, players=0, suspended=False) is True
+    assert sink_suspension(method, players=0, suspended=True) is None
+    assert sink_suspension(method, players=1, suspended=True) is False
+    assert sink_suspension(method, players=2, suspended=False) is None
+
+
+def test_pipewire_sink_is_never_suspended_by_us() -> None:
+    for players in (0, 1):
+        for suspended in (False, True):
+            assert sink_suspension(IdleMethod.READ_SILENCE, players, suspended) is None
+
+
+def test_no_audio_at_all_corks_on_tick() -> None:
+    h = Harness()
+    h.accept_all()
+    h.run(h.session.audio(SOUND, h.now))
+    assert h.run(h.session.tick(h.now + 1.0)) == []
+    h.from_dom0(Position(0, 0, 0, 0))  # dom0 still alive
+    h.now += 2.5
+    h.from_dom0(Position(0, 0, 0, 0))
+    h.run(h.session.tick(h.now))
+    assert h.to_dom0[-1] == Cork(True)
+    h.run(h.session.audio(SOUND, h.now + 0.1))
+    assert h.to_dom0[-2:] == [Cork(False), PlaybackData(SOUND)]
