@@ -3,7 +3,8 @@
 Runs tests/xen/run-xen-test.sh, which boots Xen 4.17 under QEMU (software
 emulation) with a PV dom0 running qvaudio-dom0 and a PV domU running
 qvaudio-guest, and asserts on every check in the JSON it writes. See
-docs/xen.md. Skips only when qemu-system-x86_64 cannot run at all.
+docs/xen.md. Skips only when qemu-system-x86_64 cannot run at all; anything
+else (no root for the image chroot, no network for a cold cache) fails.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ def _serial_tail(result: dict[str, Any], lines: int = 80) -> str:
 
 @pytest.mark.slow
 def test_both_agents_on_real_xen() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (chroot for the image smoke test, apt-get download)")
     out = REPO / "results" / "xen" / time.strftime("%Y%m%dT%H%M%SZ-pytest", time.gmtime())
     env = {**os.environ, "QV_XEN_RESULTS": str(out)}
     proc = subprocess.run(
