@@ -165,7 +165,7 @@ class Limits:
     #: underrun up to `jitter_max_ms`, and shrinks by a step after each
     #: `jitter_decay_s` without one: a quiet machine keeps its low latency,
     #: a busy one trades some latency for no crackle.
-    jitter_start_ms: int = 0
+    jitter_start_ms: int = 10
     jitter_step_ms: int = 10
     jitter_max_ms: int = 100
     jitter_decay_s: float = 30.0
@@ -361,7 +361,13 @@ class VmSession:
         fmt = self.playback_format
         if fmt is None:
             return 0
-        cap_ms = max(self.limits.playback_queue_ms, self.jitter_ms + 2 * self.limits.trim_margin_ms)
+        # The host takes audio in blocks up to its own buffer (PulseAudio's
+        # minreq), so the queue must hold that much on top of the reserve.
+        limits = self.limits
+        cap_ms = max(
+            limits.playback_queue_ms,
+            self.jitter_ms + 2 * limits.trim_margin_ms + limits.host_buffer_ms,
+        )
         return max(fmt.bytes_for_ms(cap_ms), fmt.frame_size)
 
     def playback_hold(self) -> int:
@@ -374,7 +380,8 @@ class VmSession:
         fmt = self.playback_format
         if fmt is None:
             return 0
-        return fmt.bytes_for_ms(self.jitter_ms + self.limits.trim_margin_ms)
+        limits = self.limits
+        return fmt.bytes_for_ms(self.jitter_ms + limits.trim_margin_ms + limits.host_buffer_ms)
 
     def read_budget(self, now: float, queued_bytes: int) -> int:
         """How many bytes the shell may read from the guest right now.
@@ -475,6 +482,7 @@ class VmSession:
     ) -> None:
         """What the host side reports; sent on to the guest in POSITION frames."""
         self._host = _HostView(played_frames, playback_latency_us, capture_latency_us)
+        self.counters.frames_played = played_frames
 
     def note_underrun(self) -> None:
         self.counters.underruns += 1
@@ -654,7 +662,9 @@ class VmSession:
         # Underruns: audio that comes after the audio before it has played out,
         # with the host's buffer as slack. An estimate from arrival times: the
         # host's own clock is not visible through the PulseAudio protocol.
-        slack = (self.limits.host_buffer_ms + self.jitter_ms) / 1000
+        # Half the host buffer: PulseAudio refills its buffer in blocks, so a
+        # stream often holds well under its nominal length between refills.
+        slack = (self.limits.host_buffer_ms / 2 + self.jitter_ms) / 1000
         if self._playout_end is not None and now > self._playout_end + slack:
             self.counters.underruns += 1
             self._adapt_jitter(now, +self.limits.jitter_step_ms)

@@ -20,7 +20,15 @@ import pytest
 from qvaudio.control import request
 from qvaudio.formats import AudioFormat, SampleFormat
 from qvaudio.pulse_pcm import PcmStream
-from qvaudio.tone import decode_mono, estimate_frequency, generate_sine, nonsilent_fraction
+from qvaudio.tone import (
+    decode_mono,
+    estimate_frequency,
+    find_offset,
+    find_onset,
+    gaps,
+    generate_sine,
+    nonsilent_fraction,
+)
 from tests.audio_daemons import NULL_SINK, PulseAudioServer
 from tests.fake_guest import FakeGuest
 
@@ -155,12 +163,31 @@ def record_host(host: PulseAudioServer, seconds: float) -> tuple[threading.Threa
     return thread, chunks
 
 
+def pitch(samples: list[float], rate: int = 48000) -> float:
+    """A tone's frequency, measured on its longest stretch without a gap.
+
+    Counting zero crossings across a gap measures the gap, not the pitch;
+    gaps are judged separately (non-silent fraction here, counts in bench/).
+    """
+    onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
+    if onset is None or offset is None:
+        return 0.0
+    tone = samples[onset:offset]
+    cuts = [0]
+    for gap in gaps(tone, rate, 1.0):
+        cuts += [int(gap.start_s * rate), int((gap.start_s + gap.duration_s) * rate)]
+    cuts.append(len(tone))
+    start, end = max(zip(cuts[::2], cuts[1::2], strict=True), key=lambda p: p[1] - p[0])
+    assert end - start > rate // 2, f"no half second of tone without a gap: {gaps(tone, rate)}"
+    return estimate_frequency(tone[start:end], rate)
+
+
 def analyse(pcm: bytes) -> tuple[float, float, float]:
     samples = decode_mono(pcm, S16)
     peak = max((abs(x) for x in samples), default=0.0)
     if peak < 0.01:
         return 0.0, 0.0, peak
-    return estimate_frequency(samples, 48000), nonsilent_fraction(samples, 48000), peak
+    return pitch(samples), nonsilent_fraction(samples, 48000), peak
 
 
 def sink_inputs(host: PulseAudioServer) -> list[Any]:

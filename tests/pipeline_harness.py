@@ -155,9 +155,27 @@ class Pipeline:
     def start(self, *, play: bool = True) -> None:
         self.dom0.start()
         self.guest.start()
+        self.wait_ready()
         if play:
             self.player = VmPlayer(self.vm, self.base)
             self.listener.wait_flowing(time.monotonic() - 1, "start-up", timeout=20)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """The guest's devices exist and dom0 serves the VM."""
+        import pulsectl
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with pulsectl.Pulse("test", server=self.vm.server) as pulse:
+                    has_mic = any(s.name == "qvaudio_mic" for s in pulse.source_list())
+                vm = self.dom0.status()["vms"].get("vm1", {})
+                if has_mic and vm.get("state") == "open":
+                    return
+            except (pulsectl.PulseError, OSError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"the pipeline did not come up\n{self.logs()}")
 
     def logs(self) -> str:
         return (

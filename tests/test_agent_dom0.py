@@ -24,7 +24,7 @@ from qvaudio.protocol import (
     PlaybackState,
     StreamStatus,
 )
-from qvaudio.tone import decode_mono, estimate_frequency, generate_sine
+from qvaudio.tone import decode_mono, generate_sine
 from tests.audio_daemons import NULL_SINK
 from tests.dom0_harness import (
     MONO,
@@ -32,6 +32,7 @@ from tests.dom0_harness import (
     S16,
     Dom0,
     analyse,
+    pitch,
     play_into_host,
     record_host,
     record_streams,
@@ -143,7 +144,7 @@ def test_microphone_needs_policy_and_request_and_detach_revokes(dom0: Dom0) -> N
     assert later == [], "no microphone sample after revocation"
     player.join()
     samples = decode_mono(work.capture_pcm(), MONO)
-    assert abs(estimate_frequency(samples, 48000) - 1000) / 1000 < 0.005
+    assert abs(pitch(samples) - 1000) / 1000 < 0.005
     deadline = time.monotonic() + 2
     while record_streams(dom0.host, "work"):
         assert time.monotonic() < deadline, "the host record stream outlived revocation"

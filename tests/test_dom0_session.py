@@ -329,6 +329,7 @@ def test_position_reports_follow_the_host() -> None:
     h.session.host_status(played_frames=240, playback_latency_us=15000, capture_latency_us=0)
     h.run(h.session.tick(h.now + 0.3))
     assert h.received[-1] == Position(480, 240, 15000, 0)
+    assert h.session.counters.frames_played == 240
     assert h.run(h.session.tick(h.now + 0.4)) == []  # not yet due again
 
 
@@ -357,7 +358,7 @@ def test_identity_comes_from_the_shell_only() -> None:
         "active": False,
         "format": None,
         "volume_max": 100,
-        "jitter_buffer_ms": 0,
+        "jitter_buffer_ms": 10,
         "corked": False,
         "latency_us": 0,
     }
@@ -422,7 +423,7 @@ def test_underruns_count_late_audio_but_not_idle_time() -> None:
         h.send(PlaybackData(ten_ms))
         h.now += 0.010
     assert h.session.counters.underruns == 0
-    h.now += 0.045  # 45 ms late: the host's 30 ms buffer ran dry
+    h.now += 0.045  # 45 ms late: beyond the host's margin and the 10 ms reserve
     h.send(PlaybackData(ten_ms))
     assert h.session.counters.underruns == 1
     h.send(Cork(True))
@@ -434,26 +435,26 @@ def test_underruns_count_late_audio_but_not_idle_time() -> None:
 def test_jitter_buffer_grows_with_underruns_and_shrinks_when_quiet() -> None:
     h = Harness(ALLOW_ALL)
     h.negotiate(capture=None)
-    assert h.session.jitter_ms == 0 and h.session.playback_hold() == 0
+    assert h.session.jitter_ms == 10 and h.session.playback_hold() == S16.bytes_for_ms(10)
     ten_ms = tone(S16, frames=480)
     for _ in range(3):  # three late arrivals: three underruns
         h.send(PlaybackData(ten_ms))
         h.now += 0.5
     h.send(PlaybackData(ten_ms))
     assert h.session.counters.underruns == 3
-    assert h.session.jitter_ms == 30
-    assert h.session.playback_hold() == S16.bytes_for_ms(30)
-    assert h.session.playback_trim() == S16.bytes_for_ms(50)
-    assert h.session.playback_queue_limit() == S16.bytes_for_ms(70)
-    # A late chunk within host buffer + jitter is no longer an underrun.
+    assert h.session.jitter_ms == 40
+    assert h.session.playback_hold() == S16.bytes_for_ms(40)
+    assert h.session.playback_trim() == S16.bytes_for_ms(40 + 20 + 30)
+    assert h.session.playback_queue_limit() == S16.bytes_for_ms(40 + 40 + 30)
+    # A chunk 45 ms late is now within the margin (15 ms) plus the reserve.
     h.now += 0.055
     h.send(PlaybackData(ten_ms))
     assert h.session.counters.underruns == 3
     h.run(h.session.tick(h.now + 31))
-    assert h.session.jitter_ms == 20
+    assert h.session.jitter_ms == 30
     for step in range(2, 12):
         h.run(h.session.tick(h.now + 31 * step))
-    assert h.session.jitter_ms == 0
+    assert h.session.jitter_ms == 10, "back to one period, not below"
     for _ in range(20):
         h.now += 0.5
         h.send(PlaybackData(ten_ms))

@@ -123,7 +123,9 @@ def test_hostile_guests_are_cut_off_alone_while_a_good_vm_plays(dom0: Dom0) -> N
     recorder, recorded = record_host(dom0.host, 14.0)
     time.sleep(0.5)
     player = work.stream_pcm(generate_sine(440, S16, 12.0, amplitude=0.5), S16)
-    time.sleep(1.0)
+    # Past the host null sink's start-up (it renders its first ~2 s in large
+    # blocks: a test-bed effect, see docs/benchmarks.md) before the attacks.
+    time.sleep(2.5)
     rss_before, fds_before = rss_kib(pid), fd_count(pid)
 
     stop = threading.Event()
@@ -184,7 +186,8 @@ def test_hostile_guests_are_cut_off_alone_while_a_good_vm_plays(dom0: Dom0) -> N
     samples = decode_mono(b"".join(recorded), S16)
     onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
     assert onset is not None and offset is not None
-    assert gaps(samples[onset:offset], 48000, 1.0) == []
+    attacked = samples[onset + int(2.5 * 48000) : offset]  # from when the attacks began
+    assert gaps(attacked, 48000, 1.0) == [], "the attacks disturbed the good VM's audio"
     freq, coverage, _ = analyse(b"".join(recorded))
     assert abs(freq - 440) / 440 < 0.005 and coverage >= 0.99, (freq, coverage)
 

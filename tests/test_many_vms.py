@@ -17,13 +17,12 @@ import pulsectl
 from qvaudio.protocol import FormatAccept, FormatRefuse
 from qvaudio.tone import (
     decode_mono,
-    estimate_frequency,
     find_offset,
     find_onset,
     gaps,
     generate_sine,
 )
-from tests.dom0_harness import S16, Dom0, write_policy
+from tests.dom0_harness import S16, Dom0, pitch, write_policy
 from tests.fake_guest import FakeGuest
 
 # name: (frequency, policy lines, expected cap or None when denied)
@@ -114,13 +113,9 @@ def test_eight_vms_mixed_policies(dom0: Dom0) -> None:
         assert onset is not None and offset is not None, f"{name}: nothing recorded"
         tone = samples[onset:offset]
         # Frequency identifies the stream (which VM's audio this is); gaps are
-        # counted by bench/ over minutes, not judged on a 2.5 s snippet of a
-        # loaded 2-core machine. Measure on the longest stretch without one.
+        # counted by bench/ over minutes, not judged on a 2.5 s snippet.
         holes = gaps(tone, 48000, 1.0)
-        cuts = [0, *(x for g in holes for x in (int(g.start_s * 48000),
-                int((g.start_s + g.duration_s) * 48000))), len(tone)]  # fmt: skip
-        start, end = max(zip(cuts[::2], cuts[1::2], strict=True), key=lambda p: p[1] - p[0])
-        measured = estimate_frequency(tone[start:end], 48000)
+        measured = pitch(tone)
         why = f"{name}: {measured:.1f} Hz, gaps {holes}, dom0: {status[name]}"
         assert abs(measured - freq) / freq < 0.005, why
         peak = max(abs(x) for x in tone)

@@ -20,7 +20,6 @@ from qvaudio.formats import AudioFormat, SampleFormat
 from qvaudio.pulse_pcm import PcmStream
 from qvaudio.tone import (
     decode_mono,
-    estimate_frequency,
     find_offset,
     find_onset,
     gaps,
@@ -28,7 +27,7 @@ from qvaudio.tone import (
     nonsilent_fraction,
 )
 from tests.audio_daemons import NULL_SINK
-from tests.dom0_harness import S16, write_policy
+from tests.dom0_harness import S16, pitch, write_policy
 from tests.pipeline_harness import Pipeline
 
 MONO = AudioFormat(48000, SampleFormat.S16LE, 1)
@@ -70,7 +69,7 @@ def test_tone_from_a_vm_application_reaches_dom0_intact(idle_pipeline: Pipeline)
     samples = decode_mono(b"".join(recorded), S16)
     onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
     assert onset is not None and offset is not None, f"no tone reached dom0\n{pipe.logs()}"
-    freq = estimate_frequency(samples[onset:offset], 48000)
+    freq = pitch(samples)
     coverage = nonsilent_fraction(samples, 48000)
     holes = gaps(samples[onset:offset], 48000, 1.0)
     assert abs(freq - 440) / 440 < 0.005, f"{freq} Hz, gaps {holes}\n{pipe.logs()}"
@@ -109,6 +108,10 @@ def test_microphone_reaches_the_vm_only_while_allowed(idle_pipeline: Pipeline) -
         while out.stat().st_size < MONO.bytes_per_second:  # the app reads (silence) first
             assert time.monotonic() < deadline, f"the VM's app got nothing\n{pipe.logs()}"
             time.sleep(0.1)
+        asked = time.monotonic()
+        while not pipe.dom0.status()["vms"]["vm1"]["capture"]["requested"]:
+            assert time.monotonic() - asked < 10, f"the guest never asked\n{pipe.logs()}"
+            time.sleep(0.05)
         refused_until = out.stat().st_size
         assert request(pipe.dom0.control, {"cmd": "mic", "action": "attach", "vm": "vm1"})["ok"]
         time.sleep(3.0)
@@ -126,7 +129,7 @@ def test_microphone_reaches_the_vm_only_while_allowed(idle_pipeline: Pipeline) -
     assert before and max(abs(x) for x in before) < 0.01, "the VM heard the mic before attach"
     onset, offset = find_onset(during, 0.05), find_offset(during, 0.05)
     assert onset is not None and offset is not None, f"no mic audio in the VM\n{pipe.logs()}"
-    freq = estimate_frequency(during[onset:offset], 48000)
+    freq = pitch(during)
     assert abs(freq - 1000) / 1000 < 0.005, f"{freq} Hz"
     assert after and max(abs(x) for x in after) < 0.01, "mic audio after revocation"
     log = pipe.dom0.log_text(tail=None)
