@@ -37,6 +37,10 @@ class ControlError(Exception):
 
 
 def default_socket_path() -> Path:
+    """$QVAUDIO_CONTROL_SOCKET, else qvaudio/control.sock in the user's runtime dir."""
+    configured = os.environ.get("QVAUDIO_CONTROL_SOCKET")
+    if configured:
+        return Path(configured)
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
     return Path(runtime) / "qvaudio" / "control.sock"
 

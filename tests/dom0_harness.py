@@ -147,20 +147,36 @@ def dom0(tmp_path: Path, host: PulseAudioServer) -> Iterator[Dom0]:
     assert code == 0, f"qvaudio-dom0 did not stop cleanly ({code}):\n{agent.log_text()}"
 
 
-def record_host(host: PulseAudioServer, seconds: float) -> tuple[threading.Thread, list[bytes]]:
-    """Record the host's sink monitor (what the user would hear) in the background."""
+def record_monitor(
+    server: str, device: str, seconds: float
+) -> tuple[threading.Thread, list[bytes]]:
+    """Record `seconds` of a monitor in the background; returns once audio comes.
+
+    A new record stream on a PulseAudio null sink's monitor may deliver its
+    first bytes up to ~2 s late (the sink renders in large blocks until a
+    reader asks for less); waiting for the first chunk keeps that start-up
+    out of what the test measures.
+    """
     chunks: list[bytes] = []
+    delivering = threading.Event()
 
     def run() -> None:
         with PcmStream.record(
-            host.server, f"{NULL_SINK}.monitor", S16, "test", "listen", S16.bytes_for_ms(10)
+            server, device, S16, "test", "listen", S16.bytes_for_ms(10)
         ) as stream:
             for _ in range(int(seconds * 100)):
                 chunks.append(stream.read(S16.bytes_for_ms(10)))
+                delivering.set()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    assert delivering.wait(10), "the recorder got no audio within 10 s"
     return thread, chunks
+
+
+def record_host(host: PulseAudioServer, seconds: float) -> tuple[threading.Thread, list[bytes]]:
+    """Record the host's sink monitor (what the user would hear) in the background."""
+    return record_monitor(host.server, f"{NULL_SINK}.monitor", seconds)
 
 
 def pitch(samples: list[float], rate: int = 48000) -> float:

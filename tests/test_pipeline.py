@@ -27,26 +27,14 @@ from qvaudio.tone import (
     nonsilent_fraction,
 )
 from tests.audio_daemons import NULL_SINK
-from tests.dom0_harness import S16, pitch, write_policy
+from tests.dom0_harness import S16, pitch, record_monitor, write_policy
 from tests.pipeline_harness import Pipeline
 
 MONO = AudioFormat(48000, SampleFormat.S16LE, 1)
 
 
 def record_host(pipe: Pipeline, seconds: float) -> tuple[threading.Thread, list[bytes]]:
-    chunks: list[bytes] = []
-
-    def run() -> None:
-        period = S16.bytes_for_ms(10)
-        with PcmStream.record(
-            pipe.host.server, f"{NULL_SINK}.monitor", S16, "test", "listen", period
-        ) as stream:
-            for _ in range(int(seconds * 100)):
-                chunks.append(stream.read(period))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, chunks
+    return record_monitor(pipe.host.server, f"{NULL_SINK}.monitor", seconds)
 
 
 def test_tone_from_a_vm_application_reaches_dom0_intact(idle_pipeline: Pipeline) -> None:
