@@ -48,7 +48,31 @@ def stream_properties(vm_name: str, label: str | None, kind: str) -> dict[str, s
     return props
 
 
-class HostPlayback:
+class _HostThread:
+    """What both host streams share: a daemon thread that `stop` ends without waiting."""
+
+    vm_name: str
+    _kind: str
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float = 3.0) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s: host %s thread did not stop", self.vm_name, self._kind)
+
+    def close(self) -> None:
+        self.stop()
+        self.join()
+
+
+class HostPlayback(_HostThread):
     """A VM's playback stream on the host server, fed through a bounded queue."""
 
     def __init__(
@@ -85,6 +109,7 @@ class HostPlayback:
         self._buffer_s = latency_ms / 1000
         self.last_write = time.monotonic()
         self.open_failures = 0
+        self._kind = "playback"
         self._thread = threading.Thread(target=self._run, name=f"play-{vm_name}", daemon=True)
         self._thread.start()
 
@@ -141,19 +166,6 @@ class HostPlayback:
             self._queue.clear()
             self._queued = 0
             self._cond.notify()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout: float = 3.0) -> None:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("%s: host playback thread did not stop", self.vm_name)
-
-    def close(self) -> None:
-        self.stop()
-        self.join()
 
     # -- the thread -----------------------------------------------------------------
 
@@ -254,7 +266,7 @@ class HostPlayback:
             log.warning("%s: could not set the initial volume: %s", self.vm_name, exc)
 
 
-class HostCapture:
+class HostCapture(_HostThread):
     """The host microphone recorded for one VM; chunks go to `deliver`."""
 
     def __init__(
@@ -275,25 +287,13 @@ class HostCapture:
         self._props = stream_properties(vm_name, label, "microphone")
         self._stop = threading.Event()
         self.latency_us = 0
+        self._kind = "microphone"
         self._thread = threading.Thread(target=self._run, name=f"mic-{vm_name}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Stop without waiting; a chunk read meanwhile is dropped, never delivered."""
         self._stop.set()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout: float = 3.0) -> None:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("%s: microphone thread did not stop", self.vm_name)
-
-    def close(self) -> None:
-        self.stop()
-        self.join()
 
     def _run(self) -> None:
         delay = 0.1

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
+from qvaudio.actions import Log, Notify, Send
 from qvaudio.connection import Connection, ConnectionState
 from qvaudio.formats import AudioFormat
 from qvaudio.gain import apply_gain, percent_to_gain
@@ -52,13 +53,6 @@ from qvaudio.protocol import (
 )
 
 # --- actions ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Bytes for the guest's transport."""
-
-    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,20 +89,6 @@ class StartCapture:
 @dataclass(frozen=True, slots=True)
 class StopCapture:
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    level: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Notify:
-    """A desktop notification, where a notification service runs."""
-
-    summary: str
-    body: str
 
 
 @dataclass(frozen=True, slots=True)

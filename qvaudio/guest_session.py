@@ -22,6 +22,9 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 
+from qvaudio.actions import Log as Log  # re-exported: the shells import actions from here
+from qvaudio.actions import Notify as Notify
+from qvaudio.actions import Send as Send
 from qvaudio.connection import Connection, ConnectionState
 from qvaudio.formats import AudioFormat
 from qvaudio.protocol import (
@@ -48,11 +51,6 @@ from qvaudio.protocol import (
 
 
 @dataclass(frozen=True, slots=True)
-class Send:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class StartMonitor:
     """Record the virtual sink's monitor in this format (dom0 accepted it)."""
 
@@ -76,18 +74,6 @@ class MicFormat:
     """The virtual microphone's PCM is in this format from now on."""
 
     format: AudioFormat
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    level: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Notify:
-    summary: str
-    body: str
 
 
 @dataclass(frozen=True, slots=True)
