@@ -100,7 +100,6 @@ class HostPlayback(_HostThread):
         self._stream: PcmStream | None = None
         self.played_bytes = 0
         self.latency_us = 0
-        self.underruns = 0
         self.late_drops = 0
         #: The jitter reserve, in bytes (set with every `put`).
         self.hold = 0

@@ -464,9 +464,6 @@ class VmSession:
         self._host = _HostView(played_frames, playback_latency_us, capture_latency_us)
         self.counters.frames_played = played_frames
 
-    def note_underrun(self) -> None:
-        self.counters.underruns += 1
-
     def tick(self, now: float) -> list[Action]:
         """Time passed: timeouts and position reports."""
         if self.closed:
