@@ -50,6 +50,7 @@ from qvaudio.protocol import (
     Role,
     StreamKind,
     StreamStatus,
+    clip_reason,
     encode,
 )
 
@@ -192,9 +193,7 @@ class Connection:
 
     def goodbye_for(self, exc: ProtocolError) -> bytes:
         """The goodbye frame to send after `exc`, naming its reason."""
-        reason = str(exc).encode("utf-8")[:200].decode("utf-8", "ignore")
-        reason = "".join(ch if ch.isprintable() else "?" for ch in reason)
-        return self.send(Goodbye(exc.code, reason))
+        return self.send(Goodbye(exc.code, clip_reason(str(exc))))
 
     # -- rules shared by both directions -------------------------------------------
 

@@ -50,6 +50,8 @@ from qvaudio.protocol import (
     Role,
     StreamKind,
     StreamStatus,
+    clip_reason,
+    pcm_chunks,
 )
 
 # --- actions ------------------------------------------------------------------
@@ -549,10 +551,8 @@ class VmSession:
                 )
             return []
         self._capture_stalled_since = None
-        step = MAX_PAYLOAD - MAX_PAYLOAD % fmt.frame_size
         actions: list[Action] = []
-        for start in range(0, len(pcm), step):
-            chunk = pcm[start : start + step]
+        for chunk in pcm_chunks(pcm, fmt.frame_size):
             actions += self._send(CaptureData(chunk))
         self.counters.capture_bytes_sent += len(pcm)
         return actions
@@ -562,7 +562,7 @@ class VmSession:
         if self.closed:
             return []
         actions = self._stop_streams(reason)
-        actions += self._send(Goodbye(GoodbyeCode.SHUTDOWN, _clip(reason)))
+        actions += self._send(Goodbye(GoodbyeCode.SHUTDOWN, clip_reason(reason)))
         actions.append(Disconnect(GoodbyeCode.SHUTDOWN, reason))
         self.closed = True
         self.close_reason = reason
@@ -608,7 +608,7 @@ class VmSession:
         actions: list[Action] = self._stop_playback("format renegotiated")
         fmt, why = choose_format(formats, self._playback)
         if fmt is None:
-            actions += self._send(FormatRefuse(StreamKind.PLAYBACK, _clip(why)))
+            actions += self._send(FormatRefuse(StreamKind.PLAYBACK, clip_reason(why)))
             actions += self._log_denial(Direction.PLAYBACK, f"playback refused: {why}")
             return actions
         actions += self._send(FormatAccept(StreamKind.PLAYBACK, fmt))
@@ -624,7 +624,7 @@ class VmSession:
         as_if_allowed = dataclasses.replace(self._capture, access=Access.ALLOW)
         fmt, why = choose_format(formats, as_if_allowed)
         if fmt is None:
-            actions += self._send(FormatRefuse(StreamKind.CAPTURE, _clip(why)))
+            actions += self._send(FormatRefuse(StreamKind.CAPTURE, clip_reason(why)))
             actions.append(Log(logging.INFO, f"capture format refused: {why}"))
             return actions
         actions += self._send(FormatAccept(StreamKind.CAPTURE, fmt))
@@ -683,7 +683,7 @@ class VmSession:
         if self.playback_active and allowed_fmt is None:
             return [
                 *self._stop_playback(why),
-                *self._send(PlaybackState(StreamStatus.DENIED, _clip(why))),
+                *self._send(PlaybackState(StreamStatus.DENIED, clip_reason(why))),
                 *self._log_denial(Direction.PLAYBACK, f"playback stopped: {why}"),
             ]
         if not self.playback_active and allowed_fmt is not None:
@@ -713,7 +713,7 @@ class VmSession:
             reason = "the VM stopped recording" if not self.capture_wanted else why
             return [
                 *self._stop_capture_stream(reason),
-                *self._send(CaptureState(status, _clip(reason))),
+                *self._send(CaptureState(status, clip_reason(reason))),
                 Log(logging.INFO, f"microphone capture stopped: {reason}"),
                 Notify(f"{name} stopped recording", reason),
             ]
@@ -729,7 +729,7 @@ class VmSession:
             if fmt is None:
                 why = "no capture format agreed"
             return [
-                *self._send(CaptureState(StreamStatus.DENIED, _clip(why))),
+                *self._send(CaptureState(StreamStatus.DENIED, clip_reason(why))),
                 Log(logging.WARNING, f"microphone request refused: {why}"),
                 Notify(f"{name} was refused the microphone", why),
             ]
@@ -765,7 +765,7 @@ class VmSession:
         goodbye = (
             self.conn.goodbye_for(exc)
             if exc is not None
-            else self.conn.send(Goodbye(code, _clip(reason)))
+            else self.conn.send(Goodbye(code, clip_reason(reason)))
         )
         actions += [Send(goodbye), Disconnect(code, reason)]
         self.closed = True
@@ -803,12 +803,6 @@ class VmSession:
             "counters": dataclasses.asdict(self.counters),
             "close_reason": self.close_reason or None,
         }
-
-
-def _clip(reason: str) -> str:
-    """A reason as the protocol carries it: printable, at most 200 bytes."""
-    text = "".join(ch if ch.isprintable() else "?" for ch in reason)
-    return text.encode("utf-8")[:200].decode("utf-8", "ignore")
 
 
 __all__ = [

@@ -28,7 +28,6 @@ from qvaudio.actions import Send as Send
 from qvaudio.connection import Connection, ConnectionState
 from qvaudio.formats import AudioFormat
 from qvaudio.protocol import (
-    MAX_PAYLOAD,
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -47,6 +46,8 @@ from qvaudio.protocol import (
     Role,
     StreamKind,
     StreamStatus,
+    clip_reason,
+    pcm_chunks,
 )
 
 
@@ -195,9 +196,8 @@ class GuestSession:
             return [*self._send(Cork(True)), Log(logging.DEBUG, "idle: corked")]
         if self.conn.corked:
             return actions
-        step = MAX_PAYLOAD - MAX_PAYLOAD % fmt.frame_size
-        for start in range(0, len(pcm), step):
-            actions += self._send(PlaybackData(pcm[start : start + step]))
+        for chunk in pcm_chunks(pcm, fmt.frame_size):
+            actions += self._send(PlaybackData(chunk))
         self.bytes_sent += len(pcm)
         self.frames_sent += len(pcm) // fmt.frame_size
         return actions
@@ -257,8 +257,8 @@ class GuestSession:
     def shutdown(self, reason: str) -> list[Action]:
         if self.closed:
             return []
-        text = "".join(ch if ch.isprintable() else "?" for ch in reason)[:200]
-        return self._close(reason, goodbye=self.conn.send(Goodbye(GoodbyeCode.SHUTDOWN, text)))
+        goodbye = self.conn.send(Goodbye(GoodbyeCode.SHUTDOWN, clip_reason(reason)))
+        return self._close(reason, goodbye=goodbye)
 
     # -- events from dom0 --------------------------------------------------------------------
 

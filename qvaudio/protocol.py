@@ -340,15 +340,26 @@ def encode(event: Event) -> bytes:
     return HEADER.pack(event.frame_type.value, 0, len(payload)) + payload
 
 
-def encode_pcm(kind: StreamKind, pcm: bytes, frame_size: int) -> Iterable[bytes]:
-    """Split PCM into frames no larger than the maximum, each whole audio frames."""
+def pcm_chunks(pcm: bytes, frame_size: int) -> Iterable[bytes]:
+    """`pcm` in pieces that each fit one frame's payload and hold whole audio frames."""
     if frame_size <= 0:
         raise LocalProtocolError("frame size must be positive")
     step = MAX_PAYLOAD - MAX_PAYLOAD % frame_size
-    cls = PlaybackData if kind is StreamKind.PLAYBACK else CaptureData
-    view = memoryview(pcm)
     for start in range(0, len(pcm), step):
-        yield encode(cls(bytes(view[start : start + step])))
+        yield pcm[start : start + step]
+
+
+def encode_pcm(kind: StreamKind, pcm: bytes, frame_size: int) -> Iterable[bytes]:
+    """Split PCM into frames no larger than the maximum, each whole audio frames."""
+    cls = PlaybackData if kind is StreamKind.PLAYBACK else CaptureData
+    for chunk in pcm_chunks(pcm, frame_size):
+        yield encode(cls(chunk))
+
+
+def clip_reason(text: str) -> str:
+    """Any text as a valid reason: printable, at most MAX_REASON_BYTES of UTF-8."""
+    printable = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return printable.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore")
 
 
 # --- decoding -----------------------------------------------------------------

@@ -247,3 +247,12 @@ def test_no_audio_at_all_corks_on_tick() -> None:
     assert h.to_dom0[-1] == Cork(True)
     h.run(h.session.audio(SOUND, h.now + 0.1))
     assert h.to_dom0[-2:] == [Cork(False), PlaybackData(SOUND)]
+
+
+def test_shutdown_with_any_reason_says_goodbye() -> None:
+    # Reasons are clipped in bytes: 200 characters of "é" would be 400 bytes.
+    h = Harness()
+    h.accept_all()
+    h.run(h.session.shutdown("é" * 200))
+    assert isinstance(h.to_dom0[-1], Goodbye)
+    assert h.to_dom0[-1].reason == "é" * 100

@@ -35,6 +35,7 @@ from qvaudio.protocol import (
     Role,
     StreamKind,
     StreamStatus,
+    clip_reason,
     encode,
     encode_pcm,
 )
@@ -321,3 +322,10 @@ def test_mutated_streams_decode_or_fail_cleanly(
     # Whatever decoded is re-encodable: every field was validated on the way in.
     for event in decoded:
         assert Decoder(role).feed(encode(event)) == [event]
+
+
+def test_clip_reason_makes_any_text_a_valid_reason() -> None:
+    clipped = clip_reason("é" * 300 + "\nforged")
+    assert len(clipped.encode()) <= MAX_REASON_BYTES and clipped == "é" * 100
+    assert clip_reason("line\nbreak") == "line?break"
+    encode(Goodbye(GoodbyeCode.NORMAL, clip_reason("✓" * 500)))  # never raises
