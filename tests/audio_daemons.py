@@ -5,8 +5,10 @@ dir, so tests never touch (or depend on) a desktop session's audio server,
 and several can run side by side (dom0 tests need a guest and a host).
 Both kinds expose the same interface: `.server` ("unix:/path"), `.env`
 (for subprocesses such as pactl), `.start()`, `.stop()`, `.kill()`,
-`.restart()`, `.alive`, `.log_text()`. Each comes up with a null sink
-"null" (monitor "null.monitor") as the default sink.
+`.restart()`, `.alive`, `.log_text()`. Each first comes up with a null
+sink "null" (monitor "null.monitor") as the default sink; a restart keeps
+the home directory, so PipeWire's session manager restores whatever default
+it remembered, as it would on a desktop.
 
 A daemon that does not start fails the test with its log: a missing audio
 server is a broken test environment, not a reason to skip.
@@ -45,6 +47,7 @@ class AudioServer:
         self.socket = base / "native"
         self.server = f"unix:{self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
         client_conf = base / "client.conf"
         self.env = {
             "PULSE_SERVER": self.server,
@@ -66,8 +69,8 @@ class AudioServer:
     def _log_files(self) -> list[Path]:
         raise NotImplementedError
 
-    def _after_ready(self, pulse: pulsectl.Pulse) -> None:
-        """Bring the server to the documented initial state."""
+    def _after_ready(self, pulse: pulsectl.Pulse, first: bool) -> None:
+        """Bring the server to the documented initial state (`first`) or back up."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -80,9 +83,14 @@ class AudioServer:
     def start(self) -> None:
         if self.alive:
             return
-        for path in (self.runtime_dir, self.home):
+        # A restart keeps the user's home, as a real one does: the session
+        # manager's remembered default devices live there.
+        fresh = (self.runtime_dir, self.home) if self.starts == 0 else (self.runtime_dir,)
+        for path in fresh:
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(mode=0o700, parents=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.starts += 1
         self.socket.unlink(missing_ok=True)
         with (self.base / "daemon.log").open("ab") as out:
             out.write(f"\n===== start {time.strftime('%H:%M:%S')} =====\n".encode())
@@ -109,7 +117,7 @@ class AudioServer:
                 try:
                     with pulsectl.Pulse(f"qvaudio-test-probe-{self.name}", server=self.server) as p:
                         p.server_info()
-                        self._after_ready(p)
+                        self._after_ready(p, first=self.starts == 1)
                     return
                 except pulsectl.PulseError as exc:
                     last_error = repr(exc)
@@ -232,26 +240,35 @@ class PipeWireServer(AudioServer):
             self.socket.symlink_to(real)
         super()._wait_ready()
 
-    def _after_ready(self, pulse: pulsectl.Pulse) -> None:
+    def _after_ready(self, pulse: pulsectl.Pulse, first: bool) -> None:
         if not any(s.name == NULL_SINK for s in pulse.sink_list()):
             pulse.module_load(
                 "module-null-sink", f"sink_name={NULL_SINK} rate=48000 channels=2 format=s16le"
             )
-        # The default moves only once wireplumber is up: wait for it.
+        # The default moves only once wireplumber is up: wait for it. After a
+        # restart wireplumber restores the remembered default by itself, and
+        # setting ours again and again would fight a running guest agent that
+        # is making its own device the default, as a real session would not.
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            with contextlib.suppress(pulsectl.PulseOperationFailed):
-                pulse.sink_default_set(NULL_SINK)
-            if pulse.server_info().default_sink_name == NULL_SINK:
+            if first:
+                with contextlib.suppress(pulsectl.PulseOperationFailed):
+                    pulse.sink_default_set(NULL_SINK)
+            default = pulse.server_info().default_sink_name
+            if default == NULL_SINK or (not first and _names_a_sink(pulse, default)):
                 return
             time.sleep(0.1)
-        raise pulsectl.PulseError("default sink never became 'null' (wireplumber not running?)")
+        raise pulsectl.PulseError("no default sink was chosen (wireplumber not running?)")
 
     def _log_files(self) -> list[Path]:
         return [
             self.base / name
             for name in ("daemon.log", "pipewire.log", "wireplumber.log", "pipewire-pulse.log")
         ]
+
+
+def _names_a_sink(pulse: pulsectl.Pulse, name: str | None) -> bool:
+    return bool(name) and any(s.name == name for s in pulse.sink_list())
 
 
 def _require(*programs: str) -> None:
