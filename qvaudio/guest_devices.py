@@ -290,12 +290,15 @@ class AudioServerWatcher:
         pulse.event_mask_set(*_EVENT_FACILITIES)
         pulse.event_callback_set(on_event)
         while not self._stopping.is_set():
-            in_grace = time.monotonic() < grace_until
+            grace_left = grace_until - time.monotonic()
             # Raises PulseDisconnected when the server goes.
-            pulse.event_listen(timeout=DEFAULTS_GRACE_S if in_grace else None)
+            pulse.event_listen(timeout=grace_left if grace_left > 0 else None)
             if not changed or self._stopping.is_set():
                 continue
             changed = False
+            # Judged when the change is seen, not when the wait began: a wait
+            # begun inside the window may end with the user's own choice.
+            in_grace = time.monotonic() < grace_until
             if in_grace and self.devices.reclaim_defaults(pulse):
                 log.info("the default devices were moved at start-up: made ours again")
             if not self.devices.present(pulse):

@@ -22,7 +22,7 @@ from typing import Any
 import pulsectl
 import pytest
 
-from qvaudio import pulse_devices, tone
+from qvaudio import guest_devices, pulse_devices, tone
 from qvaudio.formats import AudioFormat, SampleFormat
 from qvaudio.protocol import CaptureRequest, Cork, Goodbye, StreamStatus
 from tests.audio_daemons import NULL_SINK, AudioServer
@@ -338,6 +338,26 @@ def test_audio_server_restart_recreates_devices(
     play_and_check(agent, peer, 440.0)
     assert not peer.closed.is_set(), "the connection to dom0 was dropped"
     assert "recreated" in agent.log()
+
+
+def test_a_default_restored_at_start_up_is_taken_back_but_a_later_choice_is_kept(
+    agent: Agent, peer: Dom0Peer
+) -> None:
+    # A session manager starting with the audio server restores its
+    # remembered default a moment after the agent made its own the default.
+    wait_for(agent.ready, "the agent's devices as the defaults")
+    with agent.pulse() as p:
+        p.sink_default_set(NULL_SINK)
+        wait_for(lambda: p.server_info().default_sink_name == SINK, "the default taken back")
+        # After the start-up window the user's choice stands.
+        time.sleep(guest_devices.DEFAULTS_GRACE_S)
+        reclaims = agent.log().count("made ours again")
+        assert reclaims >= 1
+        p.sink_default_set(NULL_SINK)
+        wait_for(lambda: p.server_info().default_sink_name == NULL_SINK, "the user's choice")
+        time.sleep(1.0)
+        assert p.server_info().default_sink_name == NULL_SINK
+    assert agent.log().count("made ours again") == reclaims
 
 
 def test_dom0_reconnecting_gets_audio_again(agent: Agent, peer: Dom0Peer) -> None:
