@@ -119,10 +119,10 @@ def _validate_props(props: Mapping[str, str]) -> None:
 
 @contextmanager
 def _properties_in_environment(props: Mapping[str, str]) -> Iterator[None]:
-    """Expose `props` to libpulse's context creation, then put the environment back."""
-    if not props:
-        yield
-        return
+    """Expose `props` to libpulse's context creation, then put the environment back.
+
+    The lock is taken even without properties: a context created while
+    another thread's properties are set would take them as its own."""
     with _env_lock:
         saved = {key: os.environ.get(_PROP_PREFIX + key) for key in props}
         try:

@@ -266,3 +266,39 @@ def test_close_waits_for_a_read_in_progress(audio_server: AudioServer, test_sink
     with pytest.raises(ValueError, match="closed"):
         recorder.stop()
     assert rec.closed
+
+
+def test_a_stream_opened_alongside_never_takes_anothers_properties(
+    audio_server: AudioServer, test_sink: str, pulse: pulsectl.Pulse
+) -> None:
+    """Properties reach libpulse through the environment; a stream opened at
+    the same moment by another thread, without properties, must not see them."""
+    fmt = STEREO_S16
+    opened: list[PcmStream] = []
+    lock = threading.Lock()
+
+    def open_many(props: dict[str, str] | None, name: str) -> None:
+        for _ in range(15):
+            stream = PcmStream.record(
+                audio_server.server, f"{test_sink}.monitor", fmt, name, name, 1920, props=props
+            )
+            with lock:
+                opened.append(stream)
+
+    threads = [
+        threading.Thread(target=open_many, args=({"org.qvaudio.mark": "yes"}, "marked")),
+        threading.Thread(target=open_many, args=(None, "plain")),
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        outputs = [o for o in pulse.source_output_list() if o.name in ("marked", "plain")]
+        assert len(outputs) == 30
+        marked = {o.name for o in outputs if o.proplist.get("org.qvaudio.mark") == "yes"}
+        assert marked == {"marked"}
+        assert sum(o.name == "marked" for o in outputs) == 15
+    finally:
+        for stream in opened:
+            stream.close()
