@@ -74,6 +74,7 @@ class Usage:
 @dataclass(frozen=True, slots=True)
 class DevicesReady:
     usage: Usage
+    idle_method: IdleMethod
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +252,7 @@ class AudioServerWatcher:
                     self.devices.keep_idle_sink_quiet(pulse, method, usage.players)
                     if lost_before:
                         log.info("audio server is back: virtual devices recreated")
-                    self._post(DevicesReady(usage))
+                    self._post(DevicesReady(usage, method))
                     delay = FIRST_RETRY_S
                     self._pulse = pulse
                     self._watch(pulse, usage, method)

@@ -22,8 +22,9 @@ idle: reading the null sink's silence every period costs ~2 % of a CPU. On
 PulseAudio the watcher therefore suspends the idle sink and resumes it when
 an application's stream appears (the stream's audio waits for the resume);
 the monitor delivers nothing meanwhile and the reader sleeps in C. On
-PipeWire the reader still reads and drops the silence itself
-(`qvaudio.guest_session.IdleMethod`), which at least does not wake this loop.
+PipeWire the monitor stream is passive, so the server pauses it whenever no
+application's stream keeps the graph running
+(`qvaudio.guest_session.IdleMethod`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from qvaudio.guest_session import (
     Disconnect,
     GuestConfig,
     GuestSession,
+    IdleMethod,
     LatencyReport,
     Log,
     MicAudio,
@@ -122,6 +124,7 @@ class GuestAgent:
         self.mic_format: AudioFormat | None = None
         self.devices_ready = False
         self.usage = Usage(0, 0)
+        self.idle_method = IdleMethod.SUSPEND_SINK
         self.stopping = False
         self.told_ready = False
         self.latency_report = LatencyReport()
@@ -357,8 +360,9 @@ class GuestAgent:
                     self.monitor = None
                     if self.devices_ready:
                         self.monitor_retry_at = now + MONITOR_RETRY_S
-            case DevicesReady(usage=usage):
+            case DevicesReady(usage=usage, idle_method=method):
                 self.devices_ready = True
+                self.idle_method = method
                 self.monitor_failures = 0
                 if not self.told_ready:
                     self.told_ready = True
@@ -409,6 +413,7 @@ class GuestAgent:
                 self.settings.sink_name,
                 fmt,
                 self.settings.period_ms,
+                passive=self.idle_method is IdleMethod.PASSIVE_MONITOR,
             )
 
     def _update_mic(self) -> None:

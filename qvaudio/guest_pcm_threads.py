@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 APP_NAME: Final = "qvaudio-guest"
 #: A stopped reader still reading after this long is blocked on an idle monitor.
 REAP_AFTER_S: Final = 0.2
+#: A passive monitor's read blocked this long spanned a stop of PipeWire's graph.
+PAUSED_AFTER_S: Final = 0.1
 _tokens = itertools.count(1)
 
 
@@ -86,15 +89,23 @@ class MonitorFailed:
 class MonitorReader:
     """Records the monitor of the virtual output `sink` in `fmt`, one period per message.
 
-    On PulseAudio an idle monitor delivers nothing at all (the sink is
-    suspended, see `qvaudio.guest_session.IdleMethod`) and the thread sleeps
-    in C until an application plays.
+    An idle monitor delivers nothing at all (on PulseAudio the sink is
+    suspended; on PipeWire a `passive` stream is paused with the graph, see
+    `qvaudio.guest_session.IdleMethod`) and the thread sleeps in C until an
+    application plays.
     """
 
     def __init__(
-        self, mailbox: Mailbox, server: str | None, sink: str, fmt: AudioFormat, period_ms: int
+        self,
+        mailbox: Mailbox,
+        server: str | None,
+        sink: str,
+        fmt: AudioFormat,
+        period_ms: int,
+        passive: bool = False,
     ) -> None:
         self.format = fmt
+        self.passive = passive
         self._mailbox = mailbox
         self._server = server
         self._sink = sink
@@ -129,6 +140,48 @@ class MonitorReader:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
+    def _open(self) -> PcmStream:
+        monitor = f"{self._sink}.monitor"
+        props = {
+            "media.role": "production",
+            "application.id": "org.qvaudio.guest",
+            STREAM_TOKEN_KEY: self._token,
+        }
+        if not self.passive:
+            # The fragment size bounds the latency the server adds: it hands
+            # over audio once a period is recorded, not when its buffer is full.
+            return PcmStream.record(
+                self._server,
+                monitor,
+                self.format,
+                APP_NAME,
+                "dom0 speakers",
+                self._period_bytes,
+                props=props,
+            )
+        # PipeWire answers the opening of a passive stream only once the
+        # graph runs, which on an idle sink is at the next sound: a blocked
+        # open would hold the stream-opening lock the microphone needs. A
+        # short ordinary stream runs the graph while the passive one opens.
+        with PcmStream.record(
+            self._server,
+            monitor,
+            self.format,
+            APP_NAME,
+            "dom0 speakers (opening)",
+            self._period_bytes,
+            props={"application.id": "org.qvaudio.guest"},
+        ):
+            return PcmStream.record(
+                self._server,
+                monitor,
+                self.format,
+                APP_NAME,
+                "dom0 speakers",
+                self._period_bytes,
+                props={**props, "node.passive": "true"},
+            )
+
     def latency_us(self) -> int | None:
         """How old the oldest recorded byte not yet read is; None without a stream."""
         stream = self._stream
@@ -141,21 +194,7 @@ class MonitorReader:
 
     def _run(self) -> None:
         try:
-            # The fragment size bounds the latency the server adds: it hands
-            # over audio once a period is recorded, not when its buffer is full.
-            stream = PcmStream.record(
-                self._server,
-                f"{self._sink}.monitor",
-                self.format,
-                APP_NAME,
-                "dom0 speakers",
-                self._period_bytes,
-                props={
-                    "media.role": "production",
-                    "application.id": "org.qvaudio.guest",
-                    STREAM_TOKEN_KEY: self._token,
-                },
-            )
+            stream = self._open()
         except PulseError as exc:
             self._mailbox.post(MonitorFailed(self, str(exc)))
             return
@@ -163,7 +202,13 @@ class MonitorReader:
         restart_sink_clock(self._server, self._sink)
         try:
             while not self._stop.is_set():
+                began = time.monotonic()
                 pcm = stream.read(self._period_bytes)
+                if self.passive and time.monotonic() - began > PAUSED_AFTER_S:
+                    # The graph stopped while this period was part read:
+                    # its start is the end of the last sound, held since.
+                    log.debug("dropped a period that spans an idle pause")
+                    continue
                 if self.drop_silence and pcm.count(0) == len(pcm):
                     continue
                 if not self._stop.is_set():

@@ -11,9 +11,8 @@ shell says nothing plays), the stream is corked and nothing is sent; the
 first non-silent period uncorks it, so sound resumes within one period.
 
 An idle agent must also cost no CPU, so its monitor stream must deliver
-nothing while no application plays, yet stay connected (a stream opened
-when an application starts misses the start of its sound). `IdleMethod`
-and `sink_suspension` decide how, per audio server.
+nothing while no application plays. `IdleMethod` and `sink_suspension`
+decide how, per audio server.
 """
 
 from __future__ import annotations
@@ -335,20 +334,24 @@ class IdleMethod(Enum):
 
     #: PulseAudio: the agent suspends the sink; its monitor then delivers
     #: nothing, and a resumed sink restarts its clock with our short period.
-    #: An application's stream created meanwhile waits for the resume.
+    #: An application's stream created meanwhile waits for the resume. The
+    #: monitor stream stays open: one opened when an application starts
+    #: misses the start, as an idle null sink renders in blocks of up to 2 s.
     SUSPEND_SINK = "suspend-sink"
     #: PipeWire: suspending a sink that a stream is linked to does not stop
-    #: its graph, so the monitor keeps delivering silence, which the reader
-    #: drops. (A passive monitor stream, node.passive=true, does stop: tried,
-    #: and on PipeWire 0.3.65 the next sound then sometimes started with a
-    #: stale fragment and a gap, so it is not used yet.)
-    READ_SILENCE = "read-silence"
+    #: its graph, so an open monitor would deliver silence 100 times a second
+    #: (~2 % of a CPU to read and drop). The monitor stream is passive
+    #: (node.passive=true) instead: it does not keep the graph running, and
+    #: the graph runs again when an application's stream is linked. Closing
+    #: the monitor while idle was tried too, and lost the first ~40 ms of
+    #: each sound to the time it takes to open a stream.
+    PASSIVE_MONITOR = "passive-monitor"
 
 
 def idle_method(server_name: str) -> IdleMethod:
     """The method for a server, from its `server_info().server_name`."""
     if "pipewire" in server_name.lower():
-        return IdleMethod.READ_SILENCE
+        return IdleMethod.PASSIVE_MONITOR
     return IdleMethod.SUSPEND_SINK
 
 

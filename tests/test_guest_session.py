@@ -218,7 +218,7 @@ def test_latency_is_logged_on_change_or_every_so_often() -> None:
 
 def test_idle_method_follows_the_server() -> None:
     assert idle_method("pulseaudio") is IdleMethod.SUSPEND_SINK
-    assert idle_method("PulseAudio (on PipeWire 0.3.65)") is IdleMethod.READ_SILENCE
+    assert idle_method("PulseAudio (on PipeWire 0.3.65)") is IdleMethod.PASSIVE_MONITOR
 
 
 def test_pulseaudio_sink_is_suspended_exactly_while_nothing_plays() -> None:
@@ -232,7 +232,7 @@ def test_pulseaudio_sink_is_suspended_exactly_while_nothing_plays() -> None:
 def test_pipewire_sink_is_never_suspended_by_us() -> None:
     for players in (0, 1):
         for suspended in (False, True):
-            assert sink_suspension(IdleMethod.READ_SILENCE, players, suspended) is None
+            assert sink_suspension(IdleMethod.PASSIVE_MONITOR, players, suspended) is None
 
 
 def test_no_audio_at_all_corks_on_tick() -> None:
