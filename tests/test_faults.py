@@ -4,7 +4,8 @@ A VM's PulseAudio plays a continuous tone into its default sink (qvaudio's
 virtual output); qvaudio-guest carries it over a Unix socket to qvaudio-dom0,
 which plays it on the host PulseAudio; a listener records the host sink.
 Each fault is followed by audio flowing again within 2 s of the repair
-(a supervisor's restart), and over 50 cycles nothing leaks.
+(a supervisor's restart), and over 50 cycles of restarting either agent or
+killing either audio server nothing leaks.
 """
 
 from __future__ import annotations
@@ -156,3 +157,38 @@ def test_fifty_dom0_restarts_leak_nothing_in_the_guest(pipeline: Pipeline) -> No
     assert fds <= before[0] + 2, f"guest fds {before[0]} -> {fds}"
     assert threads <= before[1] + 2, f"guest threads {before[1]} -> {threads}"
     assert rss - before[2] < 20 * 1024, f"guest RSS {before[2]} -> {rss} KiB"
+
+
+def test_fifty_vm_audio_server_kills_leak_nothing_in_the_guest(pipeline: Pipeline) -> None:
+    assert pipeline.guest.proc is not None
+    pid = pipeline.guest.proc.pid
+    time.sleep(0.5)
+    before = proc_stats(pid)
+    for cycle in range(50):
+        pipeline.vm.kill()
+        restarted = time.monotonic()
+        pipeline.vm.start()
+        pipeline.listener.wait_flowing(restarted, f"VM audio server kill {cycle}", timeout=10)
+    time.sleep(1.0)
+    fds, threads, rss = proc_stats(pid)
+    assert fds <= before[0] + 2, f"guest fds {before[0]} -> {fds}"
+    assert threads <= before[1] + 2, f"guest threads {before[1]} -> {threads}"
+    assert rss - before[2] < 20 * 1024, f"guest RSS {before[2]} -> {rss} KiB"
+
+
+def test_fifty_host_audio_server_kills_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
+    assert pipeline.dom0.proc is not None
+    pid = pipeline.dom0.proc.pid
+    time.sleep(0.5)
+    before = proc_stats(pid)
+    for cycle in range(50):
+        pipeline.host.kill()
+        restarted = time.monotonic()
+        pipeline.host.start()
+        start_null_sink_clock_when_dom0_returns(pipeline.host)
+        pipeline.listener.wait_flowing(restarted, f"host audio server kill {cycle}", timeout=10)
+    time.sleep(1.0)
+    fds, threads, rss = proc_stats(pid)
+    assert fds <= before[0] + 2, f"dom0 fds {before[0]} -> {fds}"
+    assert threads <= before[1] + 2, f"dom0 threads {before[1]} -> {threads}"
+    assert rss - before[2] < 20 * 1024, f"dom0 RSS {before[2]} -> {rss} KiB"
