@@ -141,46 +141,28 @@ class MonitorReader:
         self._thread.join(timeout)
 
     def _open(self) -> PcmStream:
-        monitor = f"{self._sink}.monitor"
-        props = {
-            "media.role": "production",
-            "application.id": "org.qvaudio.guest",
-            STREAM_TOKEN_KEY: self._token,
-        }
-        if not self.passive:
+        def record(name: str, props: dict[str, str]) -> PcmStream:
             # The fragment size bounds the latency the server adds: it hands
             # over audio once a period is recorded, not when its buffer is full.
             return PcmStream.record(
                 self._server,
-                monitor,
+                f"{self._sink}.monitor",
                 self.format,
                 APP_NAME,
-                "dom0 speakers",
+                name,
                 self._period_bytes,
-                props=props,
+                props={"application.id": "org.qvaudio.guest", **props},
             )
+
+        ours = {"media.role": "production", STREAM_TOKEN_KEY: self._token}
+        if not self.passive:
+            return record("dom0 speakers", ours)
         # PipeWire answers the opening of a passive stream only once the
         # graph runs, which on an idle sink is at the next sound: a blocked
         # open would hold the stream-opening lock the microphone needs. A
         # short ordinary stream runs the graph while the passive one opens.
-        with PcmStream.record(
-            self._server,
-            monitor,
-            self.format,
-            APP_NAME,
-            "dom0 speakers (opening)",
-            self._period_bytes,
-            props={"application.id": "org.qvaudio.guest"},
-        ):
-            return PcmStream.record(
-                self._server,
-                monitor,
-                self.format,
-                APP_NAME,
-                "dom0 speakers",
-                self._period_bytes,
-                props={**props, "node.passive": "true"},
-            )
+        with record("dom0 speakers (opening)", {}):
+            return record("dom0 speakers", {**ours, "node.passive": "true"})
 
     def latency_us(self) -> int | None:
         """How old the oldest recorded byte not yet read is; None without a stream."""

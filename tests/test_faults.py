@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qvaudio.dom0_session import SHORT_SESSION
@@ -121,74 +122,64 @@ def test_vm_disappearing_mid_stream(pipeline: Pipeline) -> None:
         time.sleep(0.05)
 
 
-def test_fifty_guest_restarts_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
-    assert pipeline.dom0.proc is not None
-    pid = pipeline.dom0.proc.pid
+def assert_fifty_cycles_leak_nothing(
+    pipeline: Pipeline,
+    watched: str,
+    fault: str,
+    cycle: Callable[[], None],
+    settle_s: float = 0.0,
+) -> None:
+    """Run `cycle` (a fault and its repair) 50 times, audio flowing again after
+    each, then `settle_s`; the `watched` agent's fds, threads and RSS stay steady."""
+    proc = pipeline.dom0.proc if watched == "dom0" else pipeline.guest.proc
+    assert proc is not None
     time.sleep(0.5)
-    before = proc_stats(pid)
-    for cycle in range(50):
-        pipeline.guest.kill()
+    before = proc_stats(proc.pid)
+    for number in range(50):
         restarted = time.monotonic()
-        pipeline.guest.start()
-        pipeline.listener.wait_flowing(restarted, f"guest restart {cycle}", timeout=10)
-        # Outlive dom0's "reconnecting in a loop" mark (sessions under 1 s):
-        # a guest killed every second is treated as crash-looping, by design.
-        time.sleep(SHORT_SESSION + 0.1)
+        cycle()
+        pipeline.listener.wait_flowing(restarted, f"{fault} {number}", timeout=10)
+        time.sleep(settle_s)
     time.sleep(1.0)
-    fds, threads, rss = proc_stats(pid)
-    assert fds <= before[0] + 2, f"dom0 fds {before[0]} -> {fds}"
-    assert threads <= before[1] + 2, f"dom0 threads {before[1]} -> {threads}"
-    assert rss - before[2] < 20 * 1024, f"dom0 RSS {before[2]} -> {rss} KiB"
+    fds, threads, rss = proc_stats(proc.pid)
+    assert fds <= before[0] + 2, f"{watched} fds {before[0]} -> {fds}"
+    assert threads <= before[1] + 2, f"{watched} threads {before[1]} -> {threads}"
+    assert rss - before[2] < 20 * 1024, f"{watched} RSS {before[2]} -> {rss} KiB"
+
+
+def test_fifty_guest_restarts_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
+    def restart_guest() -> None:
+        pipeline.guest.kill()
+        pipeline.guest.start()
+
+    # Outlive dom0's "reconnecting in a loop" mark (sessions under 1 s): a
+    # guest killed every second is treated as crash-looping, by design.
+    settle = SHORT_SESSION + 0.1
+    assert_fifty_cycles_leak_nothing(pipeline, "dom0", "guest restart", restart_guest, settle)
 
 
 def test_fifty_dom0_restarts_leak_nothing_in_the_guest(pipeline: Pipeline) -> None:
-    assert pipeline.guest.proc is not None and pipeline.dom0.proc is not None
-    pid = pipeline.guest.proc.pid
-    time.sleep(0.5)
-    before = proc_stats(pid)
-    for cycle in range(50):
+    def restart_dom0() -> None:
+        assert pipeline.dom0.proc is not None
         pipeline.dom0.proc.kill()
         pipeline.dom0.proc.wait()
-        restarted = time.monotonic()
         pipeline.dom0.start()
-        pipeline.listener.wait_flowing(restarted, f"dom0 restart {cycle}", timeout=10)
-    time.sleep(1.0)
-    fds, threads, rss = proc_stats(pid)
-    assert fds <= before[0] + 2, f"guest fds {before[0]} -> {fds}"
-    assert threads <= before[1] + 2, f"guest threads {before[1]} -> {threads}"
-    assert rss - before[2] < 20 * 1024, f"guest RSS {before[2]} -> {rss} KiB"
+
+    assert_fifty_cycles_leak_nothing(pipeline, "guest", "dom0 restart", restart_dom0)
 
 
 def test_fifty_vm_audio_server_kills_leak_nothing_in_the_guest(pipeline: Pipeline) -> None:
-    assert pipeline.guest.proc is not None
-    pid = pipeline.guest.proc.pid
-    time.sleep(0.5)
-    before = proc_stats(pid)
-    for cycle in range(50):
+    def kill_vm_server() -> None:
         pipeline.vm.kill()
-        restarted = time.monotonic()
         pipeline.vm.start()
-        pipeline.listener.wait_flowing(restarted, f"VM audio server kill {cycle}", timeout=10)
-    time.sleep(1.0)
-    fds, threads, rss = proc_stats(pid)
-    assert fds <= before[0] + 2, f"guest fds {before[0]} -> {fds}"
-    assert threads <= before[1] + 2, f"guest threads {before[1]} -> {threads}"
-    assert rss - before[2] < 20 * 1024, f"guest RSS {before[2]} -> {rss} KiB"
+
+    assert_fifty_cycles_leak_nothing(pipeline, "guest", "VM audio server kill", kill_vm_server)
 
 
 def test_fifty_host_audio_server_kills_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
-    assert pipeline.dom0.proc is not None
-    pid = pipeline.dom0.proc.pid
-    time.sleep(0.5)
-    before = proc_stats(pid)
-    for cycle in range(50):
+    def kill_host_server() -> None:
         pipeline.host.kill()
-        restarted = time.monotonic()
         pipeline.host.start()
         start_null_sink_clock_when_dom0_returns(pipeline.host)
-        pipeline.listener.wait_flowing(restarted, f"host audio server kill {cycle}", timeout=10)
-    time.sleep(1.0)
-    fds, threads, rss = proc_stats(pid)
-    assert fds <= before[0] + 2, f"dom0 fds {before[0]} -> {fds}"
-    assert threads <= before[1] + 2, f"dom0 threads {before[1]} -> {threads}"
-    assert rss - before[2] < 20 * 1024, f"dom0 RSS {before[2]} -> {rss} KiB"
+
+    assert_fifty_cycles_leak_nothing(pipeline, "dom0", "host audio server kill", kill_host_server)
