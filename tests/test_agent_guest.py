@@ -251,7 +251,9 @@ def test_idle_output_costs_nothing_yet_keeps_the_whole_sound(
     assert offset - onset >= 0.98 * peer.playback_format.rate, "the start of the sound was lost"
     wait_for(quiet, "the virtual output quiet again")
     if not pulseaudio:
-        assert not sink_suspended(agent)
+        # Ours is never suspended by the agent on PipeWire (WirePlumber may
+        # suspend it after its own idle timeout, which is not ours to judge).
+        assert f"suspended {SINK}" not in agent.log()
 
 
 def test_dom0_reconnecting_while_idle_leaves_one_monitor_stream(
