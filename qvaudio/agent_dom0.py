@@ -313,7 +313,7 @@ class Dom0Agent:
         backoff = self.backoff.setdefault(name, Backoff())
         if backoff.misbehaved and now < backoff.next_attempt:
             log.warning("%s: call refused, it was cut off %.0f s ago and must wait",
-                        name, now - (backoff.next_attempt - backoff.delay))  # fmt: skip
+                        name, now - (backoff.next_attempt - backoff.penalty))  # fmt: skip
             stream.close()
             return
         old = self.links.get(name)
@@ -348,6 +348,7 @@ class Dom0Agent:
             log.log(level, "%s: cannot connect to %s: %s (will retry)", name, target.address, exc)
             backoff.failed(now)
             return
+        backoff.connected()
         self._connect_warned.discard(name)
         session = VmSession(
             target.identity,

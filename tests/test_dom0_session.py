@@ -387,7 +387,34 @@ def test_backoff_after_a_cut_off_grows() -> None:
     assert backoff.next_attempt == 116.0
     for _ in range(10):
         backoff.ended(200.0, lasted=3.0, code=GoodbyeCode.PROTOCOL_ERROR)
-    assert backoff.delay == 60.0
+    assert backoff.next_attempt == 260.0
+    # Only a healthy session forgives; one that merely worked does not.
+    backoff.connected()
+    backoff.ended(300.0, lasted=3.0, code=GoodbyeCode.PROTOCOL_ERROR)
+    assert backoff.next_attempt == 360.0
+    backoff.ended(400.0, lasted=60.0, code=None)
+    backoff.ended(500.0, lasted=3.0, code=GoodbyeCode.PROTOCOL_ERROR)
+    assert backoff.next_attempt == 505.0
+
+
+def test_backoff_waits_of_one_restart_do_not_carry_into_the_next() -> None:
+    # Found by test_fifty_guest_restarts_leak_nothing_in_dom0: a guest agent
+    # restarted every two seconds never has a "healthy" (10 s) session, and the
+    # attempts that met its stale socket during each restart used to double one
+    # wait that nothing reset, until dom0 waited 5 s to reconnect after every
+    # restart (and sometimes twice that).
+    backoff = Backoff()
+    now = 100.0
+    for _ in range(20):
+        backoff.ended(now, lasted=2.0, code=None)
+        for _ in range(3):  # the old socket refuses until the agent is back
+            backoff.failed(backoff.next_attempt)
+        backoff.connected()
+        now += 3.0
+    backoff.ended(now, lasted=2.0, code=None)
+    backoff.failed(backoff.next_attempt)
+    assert not backoff.misbehaved
+    assert backoff.next_attempt == pytest.approx(now + 0.1 + 0.25)
 
 
 def test_backoff_notices_a_reconnect_loop() -> None:
