@@ -138,7 +138,10 @@ def assert_fifty_cycles_leak_nothing(
     for number in range(50):
         restarted = time.monotonic()
         cycle()
-        pipeline.listener.wait_flowing(restarted, f"{fault} {number}", timeout=10)
+        try:
+            pipeline.listener.wait_flowing(restarted, f"{fault} {number}", timeout=10)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{pipeline.logs()}") from None
         time.sleep(settle_s)
     time.sleep(1.0)
     fds, threads, rss = proc_stats(proc.pid)
