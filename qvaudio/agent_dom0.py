@@ -396,6 +396,7 @@ class Dom0Agent:
             session.host_status(
                 playback.played_frames, latency, capture.latency_us if capture else 0
             )
+            session.host_underruns(playback.underruns, now)
         actions = session.tick(now)
         try:
             pending = link.stream.data_ready() > 0
@@ -472,7 +473,7 @@ class Dom0Agent:
             match action:
                 case Send(data=data):
                     link.outbox += data
-                case Play(pcm=pcm):
+                case Play(pcm=pcm, after_idle=after_idle):
                     if link.playback is not None:
                         session = link.session
                         link.playback.put(
@@ -480,6 +481,7 @@ class Dom0Agent:
                             session.playback_queue_limit(),
                             session.playback_hold(),
                             session.playback_trim(),
+                            after_idle=after_idle,
                         )
                 case StartPlayback(format=fmt, initial_volume=volume):
                     self._close_host(link.playback)

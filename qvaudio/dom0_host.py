@@ -34,6 +34,11 @@ VM_PROPERTY = "qvaudio.vm"
 RETRY_MAX_S = 0.5
 #: PulseAudio's 100 % (PA_VOLUME_NORM) as pulsectl's float.
 FULL_VOLUME = 1.0
+#: Audio that comes this long after the host stream ran dry is a pause (the
+#: guest stopped sending), not an underrun; shorter, the listener heard a gap.
+PAUSE_S = 0.5
+#: Slack for the client library's interpolated latency before calling it dry.
+DRY_MARGIN_S = 0.002
 
 
 def stream_properties(vm_name: str, label: str | None, kind: str) -> dict[str, str]:
@@ -101,11 +106,13 @@ class HostPlayback(_HostThread):
         self.played_bytes = 0
         self.latency_us = 0
         self.late_drops = 0
+        #: Times the host stream ran dry while the VM was playing: gaps heard.
+        self.underruns = 0
+        self._after_idle = False
         #: The jitter reserve, in bytes (set with every `put`).
         self.hold = 0
         self.trim_after_s = 0.5
         self._over_since: float | None = None
-        self._buffer_s = latency_ms / 1000
         self.last_write = time.monotonic()
         self.open_failures = 0
         self._kind = "playback"
@@ -127,17 +134,28 @@ class HostPlayback(_HostThread):
             self._queued == 0 or time.monotonic() - self.last_write < 0.5
         )
 
-    def put(self, pcm: bytes, limit: int, hold: int = 0, trim: int | None = None) -> None:
+    def put(
+        self,
+        pcm: bytes,
+        limit: int,
+        hold: int = 0,
+        trim: int | None = None,
+        *,
+        after_idle: bool = False,
+    ) -> None:
         """Queue `pcm` (the session's numbers: see VmSession.playback_*).
 
         `limit`: never more than this queued; the oldest goes first. `hold`:
         the reserve kept before the host stream (re)starts, the jitter
         buffer. `trim`: a queue above this for a while is a backlog (after
         the host stalled, say) and is cut back to `hold`, so latency returns
-        to what it was instead of keeping every stall for ever.
+        to what it was instead of keeping every stall for ever. `after_idle`:
+        the first audio after the guest was idle, so the host running dry
+        before it was a pause, not an underrun.
         """
         now = time.monotonic()
         with self._cond:
+            self._after_idle = self._after_idle or after_idle
             self.hold = hold
             self._queue.append(pcm)
             self._queued += len(pcm)
@@ -205,6 +223,13 @@ class HostPlayback(_HostThread):
 
     def _pump(self, stream: PcmStream) -> None:
         priming = True
+        # When the host will have played everything written so far: the
+        # stream's latency after each write, on our clock. pa_simple has no
+        # underflow callback; arriving after this is what one would report.
+        dry_at: float | None = None
+        # Not judged until a buffer's worth is written after each (re)start:
+        # PulseAudio plays nothing before then, and its estimate means little.
+        judged_from = self.played_bytes + self._tlength
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
@@ -214,8 +239,17 @@ class HostPlayback(_HostThread):
                     return
                 if not self._queue:
                     continue
-                if time.monotonic() - self.last_write > self._buffer_s:
+                now = time.monotonic()
+                if dry_at is not None and now > dry_at + DRY_MARGIN_S:
+                    heard = self.played_bytes >= judged_from and now - dry_at < PAUSE_S
+                    if heard and not self._after_idle:
+                        self.underruns += 1
+                        log.debug("%s: host stream ran dry %.1f ms before audio came",
+                                  self.vm_name, (now - dry_at) * 1000)  # fmt: skip
+                    dry_at = None
                     priming = True  # the host has run dry: start again with a reserve
+                    judged_from = self.played_bytes + self._tlength
+                self._after_idle = False
                 if priming:
                     deadline = time.monotonic() + 0.5
                     while self._queued < self.hold and not self._stop:
@@ -230,9 +264,12 @@ class HostPlayback(_HostThread):
                 ran_dry = not self._queue
             stream.write(chunk)
             self.played_bytes += len(chunk)
+            latency = stream.latency_us()
             self.last_write = time.monotonic()
+            # Zero until the stream has started playing: nothing to predict yet.
+            dry_at = self.last_write + latency / 1e6 if latency > 0 else None
             if ran_dry:
-                self.latency_us = stream.latency_us()
+                self.latency_us = latency
 
     def _discard_while_down(self) -> None:
         # Keep the queue from holding stale audio while the host server is down;

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 
 from qvaudio.actions import Log, Notify, Send
@@ -76,9 +77,12 @@ class StopPlayback:
 
 @dataclass(frozen=True, slots=True)
 class Play:
-    """PCM for the VM's host stream, already capped."""
+    """PCM for the VM's host stream, already capped. `after_idle`: the first
+    audio after the guest was idle (or the stream started), so a host that
+    ran dry before it paused rather than underran."""
 
     pcm: bytes
+    after_idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,8 @@ class Limits:
     jitter_step_ms: int = 10
     jitter_max_ms: int = 100
     jitter_decay_s: float = 30.0
+    #: Underruns this close together are one stall, and grow the reserve once.
+    jitter_same_stall_s: float = 0.25
     #: A backlog this far above the jitter target, kept for `trim_after_s`,
     #: is dropped down to the target (latency recovers after a stall).
     trim_margin_ms: int = 20
@@ -187,7 +193,10 @@ class Counters:
     bytes_discarded: int = 0
     capture_bytes_sent: int = 0
     capture_bytes_dropped: int = 0
+    #: Audio from the guest that came after the audio before it had played out.
     underruns: int = 0
+    #: Times the host stream ran dry while the VM played (what a listener hears).
+    host_underruns: int = 0
 
 
 @dataclass(slots=True)
@@ -321,6 +330,8 @@ class VmSession:
         self._playout_end: float | None = None
         self.jitter_ms = self.limits.jitter_start_ms
         self._jitter_changed = now
+        self._jitter_grown = -math.inf
+        self._host_dry_seen = 0
 
     def _send(self, event: Event) -> list[Action]:
         """Bytes for `event`, or nothing once the connection is closed.
@@ -482,6 +493,17 @@ class VmSession:
         """What the host side reports; sent on to the guest in POSITION frames."""
         self._host = _HostView(played_frames, playback_latency_us, capture_latency_us)
         self.counters.frames_played = played_frames
+
+    def host_underruns(self, count: int, now: float) -> None:
+        """The running count of times the host stream (since StartPlayback) ran dry.
+
+        Whatever the cause (a late guest, a stall in dom0 or in the host
+        server), a gap was heard: the reserve grows, as for late arrivals.
+        """
+        if count > self._host_dry_seen:
+            self.counters.host_underruns += count - self._host_dry_seen
+            self._host_dry_seen = count
+            self._grow_jitter(now)
 
     def tick(self, now: float) -> list[Action]:
         """Time passed: timeouts and position reports."""
@@ -661,14 +683,23 @@ class VmSession:
         slack = (self.limits.host_buffer_ms / 2 + self.jitter_ms) / 1000
         if self._playout_end is not None and now > self._playout_end + slack:
             self.counters.underruns += 1
-            self._adapt_jitter(now, +self.limits.jitter_step_ms)
+            self._grow_jitter(now)
+        after_idle = self._playout_end is None
         start = now if self._playout_end is None else max(self._playout_end, now)
         self._playout_end = start + len(pcm) / fmt.bytes_per_second
         if self._pcm_tokens is not None:
             self._pcm_tokens.tokens -= len(pcm)
-        return [Play(apply_gain(pcm, fmt, self.gain))]
+        return [Play(apply_gain(pcm, fmt, self.gain), after_idle)]
 
     # -- reconciling state with policy ---------------------------------------------------
+
+    def _grow_jitter(self, now: float) -> None:
+        # One stall is often seen twice, as a late arrival and as the host
+        # running dry a moment later: it earns one step, not two.
+        if now - self._jitter_grown < self.limits.jitter_same_stall_s:
+            return
+        self._jitter_grown = now
+        self._adapt_jitter(now, +self.limits.jitter_step_ms)
 
     def _adapt_jitter(self, now: float, step_ms: int) -> None:
         limits = self.limits
@@ -684,6 +715,7 @@ class VmSession:
         self.playback_active = True
         self._pcm_tokens = None
         self._playout_end = None
+        self._host_dry_seen = 0
         return [StartPlayback(fmt, initial)]
 
     def _stop_playback(self, reason: str) -> list[Action]:

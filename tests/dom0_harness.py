@@ -230,3 +230,26 @@ def play_into_host(host: PulseAudioServer, seconds: float) -> threading.Thread:
 def record_streams(host: PulseAudioServer, vm: str) -> list[Any]:
     with pulsectl.Pulse("test", server=host.server) as pulse:
         return [so for so in pulse.source_output_list() if so.proplist.get("qvaudio.vm") == vm]
+
+
+def start_null_sink_clock_once_dom0_plays(host: PulseAudioServer) -> None:
+    """Test-bed only: make the fresh null sink behave like a sound card.
+
+    A new PulseAudio null sink renders its first block at its 2 s maximum
+    latency, so the first stream on it waits ~1.9 s whoever it is (see
+    docs/benchmarks.md); a real device starts at the latency its streams ask
+    for. Once dom0 has a stream there, one suspend/resume restarts the null
+    sink's clock at that latency. dom0 itself never touches the host's sinks.
+    """
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with pulsectl.Pulse("test", server=host.server) as pulse:
+                if any(s.proplist.get("qvaudio.vm") for s in pulse.sink_input_list()):
+                    sink = pulse.get_sink_by_name(NULL_SINK)
+                    pulse.sink_suspend(sink.index, 1)
+                    pulse.sink_suspend(sink.index, 0)
+                    return
+        except pulsectl.PulseError:
+            pass
+        time.sleep(0.02)

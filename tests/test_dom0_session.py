@@ -116,8 +116,12 @@ def test_allowed_playback_reaches_the_host_stream() -> None:
     assert h.of(StartPlayback) == [StartPlayback(S16, 1.0)]
     pcm = tone(S16)
     played = h.send(PlaybackData(pcm))
-    assert played == [Play(pcm)]
-    assert h.session.counters.bytes_received == len(pcm)
+    assert played == [Play(pcm, after_idle=True)], "the first audio follows silence"
+    assert h.send(PlaybackData(pcm)) == [Play(pcm, after_idle=False)]
+    assert h.session.counters.bytes_received == 2 * len(pcm)
+    h.send(Cork(True))
+    h.now += 5.0
+    assert h.send(Cork(False), PlaybackData(pcm))[-1] == Play(pcm, after_idle=True)
 
 
 def test_volume_cap_is_applied_to_the_samples() -> None:
@@ -457,6 +461,29 @@ def test_underruns_count_late_audio_but_not_idle_time() -> None:
     h.now += 5.0
     h.send(Cork(False), PlaybackData(ten_ms))
     assert h.session.counters.underruns == 1, "a corked guest is idle, not late"
+
+
+def test_host_underruns_grow_the_reserve_once_per_stall() -> None:
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    ten_ms = tone(S16, frames=480)
+    for _ in range(3):
+        h.send(PlaybackData(ten_ms))
+        h.now += 0.010
+    h.session.host_underruns(1, h.now)  # dom0 or the host server stalled
+    assert h.session.counters.host_underruns == 1 and h.session.jitter_ms == 20
+    h.session.host_underruns(1, h.now + 1)  # the same count again: nothing new
+    assert h.session.jitter_ms == 20
+    # A late arrival and the host running dry because of it: one stall, one step.
+    h.now += 2.0
+    h.send(PlaybackData(ten_ms))
+    assert h.session.counters.underruns == 1 and h.session.jitter_ms == 30
+    h.session.host_underruns(2, h.now + 0.02)
+    assert h.session.counters.host_underruns == 2 and h.session.jitter_ms == 30
+    # A new host stream counts from zero again.
+    h.send(FormatOffer(StreamKind.PLAYBACK, (S16,)))
+    h.session.host_underruns(1, h.now + 5)
+    assert h.session.counters.host_underruns == 3 and h.session.jitter_ms == 40
 
 
 def test_jitter_buffer_grows_with_underruns_and_shrinks_when_quiet() -> None:

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qvaudio.dom0_session import SHORT_SESSION
-from tests.audio_daemons import NULL_SINK, PulseAudioServer
-from tests.dom0_harness import write_policy
+from tests.dom0_harness import start_null_sink_clock_once_dom0_plays, write_policy
 from tests.pipeline_harness import Pipeline
 
 RECOVERY_S = 2.0
@@ -62,36 +61,11 @@ def test_kill_vm_audio_server(pipeline: Pipeline) -> None:
     assert took <= RECOVERY_S, f"audio back {took:.2f} s after restart\n{pipeline.logs()}"
 
 
-def start_null_sink_clock_when_dom0_returns(host: PulseAudioServer) -> None:
-    """Test-bed only: make the fresh null sink behave like a sound card.
-
-    A new PulseAudio null sink renders its first block at its 2 s maximum
-    latency, so the first stream on it waits ~1.9 s whoever it is (see
-    docs/benchmarks.md); a real device starts at the latency its streams ask
-    for. Once dom0's stream is back, one suspend/resume restarts the null
-    sink's clock at that latency. dom0 itself never touches the host's sinks.
-    """
-    import pulsectl
-
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            with pulsectl.Pulse("test", server=host.server) as pulse:
-                if any(s.proplist.get("qvaudio.vm") for s in pulse.sink_input_list()):
-                    sink = pulse.get_sink_by_name(NULL_SINK)
-                    pulse.sink_suspend(sink.index, 1)
-                    pulse.sink_suspend(sink.index, 0)
-                    return
-        except pulsectl.PulseError:
-            pass
-        time.sleep(0.02)
-
-
 def test_kill_host_audio_server(pipeline: Pipeline) -> None:
     pipeline.host.kill()
     restarted = time.monotonic()
     pipeline.host.start()
-    start_null_sink_clock_when_dom0_returns(pipeline.host)
+    start_null_sink_clock_once_dom0_plays(pipeline.host)
     took = pipeline.listener.wait_flowing(restarted, "restarting dom0's PulseAudio")
     assert took <= RECOVERY_S, f"audio back {took:.2f} s after restart\n{pipeline.logs()}"
 
@@ -183,6 +157,6 @@ def test_fifty_host_audio_server_kills_leak_nothing_in_dom0(pipeline: Pipeline) 
     def kill_host_server() -> None:
         pipeline.host.kill()
         pipeline.host.start()
-        start_null_sink_clock_when_dom0_returns(pipeline.host)
+        start_null_sink_clock_once_dom0_plays(pipeline.host)
 
     assert_fifty_cycles_leak_nothing(pipeline, "dom0", "host audio server kill", kill_host_server)
