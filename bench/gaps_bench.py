@@ -54,6 +54,8 @@ MAX_CARRY_S = 60.0
 #: Gaps this early are listed apart: a stream starting up is not a dropout in steady state.
 STARTUP_S = 2.0
 LISTED = 50
+#: Gaps of two methods this close together are one event on the machine.
+SHARED_WINDOW_S = 0.3
 
 
 class GapCounter:
@@ -122,6 +124,7 @@ class GapCounter:
             "first_gaps": [{"at_s": round(t, 3), "ms": round(d, 1)} for t, d in self.found][
                 :LISTED
             ],
+            "gap_times_s": [round(t, 3) for t, _ in steady],
         }
 
 
@@ -144,7 +147,11 @@ def _drops(route: Route) -> dict[str, Any] | None:
         return None
     for vm in status.get("vms", {}).values():
         playback = vm.get("playback") or {}
-        return {k: playback.get(k) for k in ("late_drops", "underruns", "latency_us")}
+        counters = vm.get("counters") or {}
+        return {
+            **{k: playback.get(k) for k in ("late_drops", "latency_us", "jitter_buffer_ms")},
+            **{k: counters.get(k) for k in ("underruns", "host_underruns")},
+        }
     return None
 
 
@@ -188,6 +195,22 @@ def _player(route: Route, seconds: float, cut_at_s: float | None) -> None:
     """Child process: an ordinary client playing the tone, with a GIL of its own."""
     thread, _ = play(route.vm, tone_chunks(seconds, cut_at_s), 100, route.method)
     thread.join()
+
+
+def _mark_shared_gaps(rows: dict[str, Any]) -> None:
+    """Count each method's host gaps that another method had at the same moment.
+
+    The players start together, so the recordings share a clock to within
+    the methods' latencies. A gap that several independent pipelines have at
+    once comes from the machine (a stall of every process, as a virtual CPU
+    descheduled by its hypervisor), not from any one method.
+    """
+    times = {label: (row.get("host") or {}).get("gap_times_s", []) for label, row in rows.items()}
+    for label, row in rows.items():
+        others = [t for other, ts in times.items() if other != label for t in ts]
+        row["host_gaps_also_in_another_method"] = sum(
+            1 for t in times[label] if any(abs(t - u) <= SHARED_WINDOW_S for u in others)
+        )
 
 
 def main() -> None:
@@ -266,6 +289,7 @@ def main() -> None:
             rows[label] = row
     out["load_avg_1min_samples"] = loads
     out["load_avg_end"] = load_average()
+    _mark_shared_gaps(rows)
     out["rows"] = rows
     print(json.dumps(out, indent=2))
 
