@@ -225,16 +225,26 @@ def main() -> None:
         type=int,
         help="also run qvaudio with qvaudio-dom0 --latency-ms MS (a non-default row) at once",
     )
+    parser.add_argument(
+        "--guest-period-ms",
+        type=int,
+        help="with --dom0-latency-ms: that row's qvaudio-guest also runs with --period-ms MS",
+    )
     args = parser.parse_args()
     # (row label, method, setup arguments)
     rows_to_run: list[tuple[str, str, dict[str, Any]]] = [
         (m, m, {}) for m in args.methods.split(",")
     ]
     if args.dom0_latency_ms:
+        label = f"qvaudio, non-default: dom0 --latency-ms {args.dom0_latency_ms}"
+        guest_args: tuple[str, ...] = ()
+        if args.guest_period_ms:
+            label += f", guest --period-ms {args.guest_period_ms}"
+            guest_args = ("--period-ms", str(args.guest_period_ms))
         rows_to_run.append((
-            f"qvaudio, non-default: dom0 --latency-ms {args.dom0_latency_ms}",
+            label,
             "qvaudio",
-            {"dom0_args": ("--latency-ms", str(args.dom0_latency_ms))},
+            {"dom0_args": ("--latency-ms", str(args.dom0_latency_ms)), "guest_args": guest_args},
         ))  # fmt: skip
     seconds = args.minutes * 60
     cut = 5.0 if args.self_check else None
