@@ -152,12 +152,16 @@ class FakeGuest:
     def capture_pcm(self) -> bytes:
         return b"".join(e.pcm for _, e in self.received(CaptureData))  # type: ignore[attr-defined]
 
-    def stream_pcm(self, pcm: bytes, fmt: AudioFormat, period_ms: int = 10) -> threading.Thread:
-        """Send `pcm` in real time, one period at a time, from a thread."""
+    def stream_pcm(
+        self, pcm: bytes, fmt: AudioFormat, period_ms: int = 10, lead_ms: int = 0
+    ) -> threading.Thread:
+        """Send `pcm` in real time, one period at a time, from a thread;
+        `lead_ms` of it at once first, as a guest with audio buffered would."""
         step = fmt.bytes_for_ms(period_ms)
+        lead_s = lead_ms / 1000
 
         def pace() -> None:
-            start = time.monotonic()
+            start = time.monotonic() - lead_s
             for i, offset in enumerate(range(0, len(pcm), step)):
                 delay = start + i * period_ms / 1000 - time.monotonic()
                 if delay > 0:
