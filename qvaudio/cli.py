@@ -60,7 +60,8 @@ def _format_status(reply: dict[str, Any]) -> str:
             lines.append(
                 f"  playback: {playback.get('decision')} ({playback.get('rule')}); {flow}; "
                 f"format {playback.get('format') or '-'}; cap {playback.get('volume_max')}%; "
-                f"latency {_ms(playback.get('latency_us'))}"
+                f"latency {_ms(playback.get('latency_us'))} "
+                f"(reserve {playback.get('jitter_buffer_ms', '-')} ms)"
             )
         if isinstance(capture, dict):
             mic = "recording" if capture.get("running") else "not recording"

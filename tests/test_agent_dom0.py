@@ -204,6 +204,7 @@ def test_status_command_lists_vms(dom0: Dom0) -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "work: open via unix:" in text and "playback: allow" in text
+    assert "(reserve 10 ms)" in text, "the adaptive jitter buffer, as it starts"
     assert "underruns 0 late from the VM, 0 on the host" in text
     assert (dom0.control.stat().st_mode & 0o777) == 0o600
 
