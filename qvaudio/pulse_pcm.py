@@ -28,8 +28,10 @@ This was chosen over the asynchronous API (``pa_threaded_mainloop`` plus
 ``pa_stream_new_with_proplist``), which would have meant re-implementing the
 blocking read/write/drain/latency logic of pa_simple with callbacks; the
 tests check that the properties are visible on both PulseAudio and PipeWire.
-The price is that other threads calling ``getenv`` while a stream opens could
-see the variables; qvaudio opens streams only from its own code paths.
+The price is that no other thread may create a libpulse context while the
+variables are set: it would read them, and glibc's ``setenv`` is not safe
+against a concurrent ``getenv`` at all. Every context qvaudio creates (here and
+in `pulse_devices.connect`) is made under `CONTEXT_LOCK`.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ _PROP_PREFIX: Final = "PULSE_PROP_OVERRIDE_"
 
 _libs: tuple[Any, Any] | None = None
 _libs_lock = threading.Lock()
-# Serialises the environment juggling around pa_simple_new (see module doc).
-_env_lock = threading.Lock()
+#: Held while stream properties are in the environment (see module doc), and
+#: by every other libpulse context creation in the process: glibc's setenv may
+#: move the environment under a concurrent getenv, which libpulse calls while
+#: it creates a context, and that is a crash, not just a wrong property.
+CONTEXT_LOCK = threading.Lock()
 
 
 def _load() -> tuple[Any, Any]:
@@ -123,7 +128,7 @@ def _properties_in_environment(props: Mapping[str, str]) -> Iterator[None]:
 
     The lock is taken even without properties: a context created while
     another thread's properties are set would take them as its own."""
-    with _env_lock:
+    with CONTEXT_LOCK:
         saved = {key: os.environ.get(_PROP_PREFIX + key) for key in props}
         try:
             for key, value in props.items():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -302,3 +304,53 @@ def test_a_stream_opened_alongside_never_takes_anothers_properties(
     finally:
         for stream in opened:
             stream.close()
+
+
+# Run in a child process: the bug this guards against was a segfault.
+_STREAMS_AND_CONTEXTS_AT_ONCE = """
+import sys, threading, time
+from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.pulse_devices import connect
+from qvaudio.pulse_pcm import PcmStream
+
+server, seconds = sys.argv[1], float(sys.argv[2])
+fmt = AudioFormat(48000, SampleFormat.S16LE, 2)
+stop = time.monotonic() + seconds
+
+def streams(name):
+    props = {f"org.qvaudio.k{j}": "v" * 50 for j in range(20)}
+    while time.monotonic() < stop:
+        with PcmStream.playback(server, None, fmt, name, name, 5760, props=props):
+            pass
+
+def contexts():
+    while time.monotonic() < stop:
+        with connect("contexts", server) as pulse:
+            pulse.server_info()
+
+threads = [threading.Thread(target=streams, args=(f"s{i}",)) for i in range(2)]
+threads += [threading.Thread(target=contexts) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("survived")
+"""
+
+
+def test_streams_and_connections_opened_at_once_never_crash_the_process(
+    audio_server: AudioServer,
+) -> None:
+    """Found by CI: the guest agent died silently just after dom0 connected.
+
+    Its microphone thread made a pulsectl context while its monitor thread
+    had stream properties in the environment, and glibc's setenv moved the
+    environment under libpulse's getenv: a segfault (without the shared lock,
+    this reproduced in about half of 3 s runs here)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STREAMS_AND_CONTEXTS_AT_ONCE, audio_server.server, "5"],
+        env=audio_server.full_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "survived" in done.stdout, (
+        f"exit status {done.returncode}\n{done.stderr[-3000:]}"
+    )
