@@ -8,6 +8,7 @@ failure's log shows how long each step took).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -24,3 +25,7 @@ def setup_logging(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # A crash in native code (libpulse, libxenvchan) would otherwise leave
+    # nothing in the journal but the exit status; this adds every thread's
+    # Python stack.
+    faulthandler.enable(sys.stderr)

@@ -115,7 +115,11 @@ def assert_fifty_cycles_leak_nothing(
         try:
             pipeline.listener.wait_flowing(restarted, f"{fault} {number}", timeout=10)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{pipeline.logs()}") from None
+            exits = {
+                name: agent.proc.poll() if agent.proc is not None else None
+                for name, agent in (("dom0", pipeline.dom0), ("guest", pipeline.guest))
+            }
+            raise AssertionError(f"{exc}\nexit status: {exits}\n{pipeline.logs()}") from None
         time.sleep(settle_s)
     time.sleep(1.0)
     fds, threads, rss = proc_stats(proc.pid)
