@@ -220,8 +220,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 def _default_sink_is_ours(vm: PrivatePulse) -> bool:
     import pulsectl
 
+    from qvaudio.pulse_devices import connect
+
     try:
-        with pulsectl.Pulse("qvaudio-demo", server=vm.server) as pulse:
+        with connect("qvaudio-demo", vm.server) as pulse:
             return bool(pulse.server_info().default_sink_name == "qvaudio_out")
     except pulsectl.PulseError:
         return False
