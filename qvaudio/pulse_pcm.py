@@ -28,10 +28,17 @@ This was chosen over the asynchronous API (``pa_threaded_mainloop`` plus
 ``pa_stream_new_with_proplist``), which would have meant re-implementing the
 blocking read/write/drain/latency logic of pa_simple with callbacks; the
 tests check that the properties are visible on both PulseAudio and PipeWire.
-The price is that no other thread may create a libpulse context while the
-variables are set: it would read them, and glibc's ``setenv`` is not safe
-against a concurrent ``getenv`` at all. Every context qvaudio creates (here and
-in `pulse_devices.connect`) is made under `CONTEXT_LOCK`.
+The price is that no other stream may be opened while the variables are
+set (it would take them as its own), and that nothing may create a libpulse
+context while they are being written or removed: glibc's ``setenv`` is not
+safe against a concurrent ``getenv`` at all. So a stream opening holds
+`STREAM_LOCK` for the whole of ``pa_simple_new``, and `ENV_LOCK` while it
+writes and while it removes the variables; every other context qvaudio
+creates (`pulse_devices.connect`) is made under `ENV_LOCK` alone. A control
+connection may then carry an opening stream's properties, which is
+harmless for a connection that opens no stream, and it is never held up by
+an opening that waits: a passive stream on PipeWire waits until its graph
+runs, which on an idle sink is at the next sound.
 """
 
 from __future__ import annotations
@@ -67,11 +74,14 @@ _PROP_PREFIX: Final = "PULSE_PROP_OVERRIDE_"
 
 _libs: tuple[Any, Any] | None = None
 _libs_lock = threading.Lock()
-#: Held while stream properties are in the environment (see module doc), and
-#: by every other libpulse context creation in the process: glibc's setenv may
-#: move the environment under a concurrent getenv, which libpulse calls while
-#: it creates a context, and that is a crash, not just a wrong property.
-CONTEXT_LOCK = threading.Lock()
+#: Held by a stream opening for as long as its properties are in the
+#: environment (see module doc), so that no other stream takes them.
+STREAM_LOCK = threading.Lock()
+#: Held while the environment is written, and by every other libpulse context
+#: creation in the process: glibc's setenv may move the environment under a
+#: concurrent getenv, which libpulse calls while it creates a context, and
+#: that is a crash, not just a wrong property.
+ENV_LOCK = threading.Lock()
 
 
 def _load() -> tuple[Any, Any]:
@@ -126,20 +136,22 @@ def _validate_props(props: Mapping[str, str]) -> None:
 def _properties_in_environment(props: Mapping[str, str]) -> Iterator[None]:
     """Expose `props` to libpulse's context creation, then put the environment back.
 
-    The lock is taken even without properties: a context created while
+    STREAM_LOCK is taken even without properties: a stream opened while
     another thread's properties are set would take them as its own."""
-    with CONTEXT_LOCK:
+    with STREAM_LOCK:
         saved = {key: os.environ.get(_PROP_PREFIX + key) for key in props}
         try:
-            for key, value in props.items():
-                os.environ[_PROP_PREFIX + key] = value
+            with ENV_LOCK:
+                for key, value in props.items():
+                    os.environ[_PROP_PREFIX + key] = value
             yield
         finally:
-            for key, old in saved.items():
-                if old is None:
-                    os.environ.pop(_PROP_PREFIX + key, None)
-                else:
-                    os.environ[_PROP_PREFIX + key] = old
+            with ENV_LOCK:
+                for key, old in saved.items():
+                    if old is None:
+                        os.environ.pop(_PROP_PREFIX + key, None)
+                    else:
+                        os.environ[_PROP_PREFIX + key] = old
 
 
 def _enc(text: str | None) -> Any:

@@ -8,11 +8,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pulsectl
 import pytest
 
-from qvaudio import pulse_devices, tone
+from qvaudio import guest_devices, pulse_devices, tone
 from qvaudio.formats import AudioFormat, SampleFormat
 from qvaudio.pulse_pcm import PcmStream, PulseError, strerror
 from tests.audio_daemons import AudioServer, PulseAudioServer
@@ -74,13 +75,19 @@ def test_sink(pulse: pulsectl.Pulse, request: pytest.FixtureRequest) -> Iterator
 def round_trip(
     server: str, sink: str, fmt: AudioFormat, freq: float, seconds: float
 ) -> list[float]:
-    """Play a tone into `sink`, record its monitor, return the recorded first channel."""
-    fragment = fmt.bytes_for_ms(20)
+    """Play a tone into `sink`, record its monitor, return the recorded first channel.
+
+    Buffers are generous on purpose: this checks that the binding carries
+    audio intact, not real-time behaviour (bench/ measures that). With a
+    20 ms fragment, PipeWire ran its graph at that quantum and a stall of
+    the CI machine once cost it half a quantum (a 10.6 ms gap).
+    """
+    fragment = fmt.bytes_for_ms(50)
     with PcmStream.record(server, f"{sink}.monitor", fmt, "qvaudio-test", "rec", fragment) as rec:
         recorder = Recorder(rec, fragment)
         recorder.wait_for_data()
         with PcmStream.playback(
-            server, sink, fmt, "qvaudio-test", "tone", tlength_bytes=fmt.bytes_for_ms(100)
+            server, sink, fmt, "qvaudio-test", "tone", tlength_bytes=fmt.bytes_for_ms(200)
         ) as play:
             play.write(tone.generate_sine(freq, fmt, seconds))
             play.drain()
@@ -354,3 +361,44 @@ def test_streams_and_connections_opened_at_once_never_crash_the_process(
     assert done.returncode == 0 and "survived" in done.stdout, (
         f"exit status {done.returncode}\n{done.stderr[-3000:]}"
     )
+
+
+def test_a_passive_opening_that_waits_holds_up_no_other_connection(
+    pipewire_server: AudioServer, tmp_path: Path
+) -> None:
+    """On PipeWire a passive record stream on an idle sink opens only once
+    its graph runs. Seen in the guest agent: such an opening held the lock of
+    every libpulse context for up to 30 s, so its watcher could not connect,
+    not even to end that stream. Now the opening holds only the stream lock."""
+    server = pipewire_server.server
+    sink = "t_passive_waits"
+    with pulse_devices.connect("qvaudio-test", server) as p:
+        pulse_devices.ensure_null_sink(p, sink, "test sink", STEREO_S16)
+    outcome: list[str] = []
+
+    def open_passive() -> None:
+        props = {"node.passive": "true", guest_devices.STREAM_TOKEN_KEY: "waits"}
+        try:
+            monitor = f"{sink}.monitor"
+            with PcmStream.record(server, monitor, STEREO_S16, "t", "passive", 1920, props):
+                outcome.append("opened")
+        except PulseError as exc:
+            outcome.append(exc.message)
+
+    opener = threading.Thread(target=open_passive, daemon=True)
+    try:
+        opener.start()
+        opener.join(1.0)
+        assert opener.is_alive(), f"the passive opening did not wait: {outcome}"
+        # A new context, made while the opening waits, finds the waiting stream.
+        assert guest_devices.end_stream(server, "waits")
+    finally:
+        # A sound runs the graph, which is what the opening waits for (ending
+        # it from the server's side takes effect only then, too).
+        raw = tmp_path / "tone.raw"
+        raw.write_bytes(tone.generate_sine(440.0, STEREO_S16, 0.3))
+        pacat = ["pacat", "--raw", "--format=s16le", "--rate=48000", "--channels=2"]
+        subprocess.run([*pacat, "-d", sink, str(raw)], env=pipewire_server.full_env(), check=True)
+        opener.join(40.0)
+        with pulse_devices.connect("qvaudio-test", server) as p:
+            pulse_devices.remove_owned_modules(p, [sink])
