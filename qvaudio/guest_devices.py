@@ -48,6 +48,8 @@ STOP_TIMEOUT_S: Final = 3.0
 #: is taken back: a session manager starting with the audio server restores
 #: its remembered default a moment later. After it, a change is the user's.
 DEFAULTS_GRACE_S: Final = 5.0
+#: How often, inside that window, the defaults are checked without an event.
+DEFAULTS_CHECK_S: Final = 0.5
 _EVENT_FACILITIES: Final = ("sink_input", "source_output", "sink", "source", "server")
 #: A source output's property naming the agent's stream, so that exactly it can be ended.
 STREAM_TOKEN_KEY: Final = "org.qvaudio.stream"
@@ -292,16 +294,23 @@ class AudioServerWatcher:
         pulse.event_callback_set(on_event)
         while not self._stopping.is_set():
             grace_left = grace_until - time.monotonic()
-            # Raises PulseDisconnected when the server goes.
-            pulse.event_listen(timeout=grace_left if grace_left > 0 else None)
-            if not changed or self._stopping.is_set():
+            # pulsectl also runs the callback during our own queries below, and
+            # the stop it raises there is forgotten when the next listen begins:
+            # a change seen then would wait for the one after it (or for the
+            # end of the grace window, too late to take the defaults back).
+            if not changed:
+                # Raises PulseDisconnected when the server goes.
+                timeout = min(grace_left, DEFAULTS_CHECK_S) if grace_left > 0 else None
+                pulse.event_listen(timeout=timeout)
+            if self._stopping.is_set():
                 continue
-            changed = False
             # Judged when the change is seen, not when the wait began: a wait
             # begun inside the window may end with the user's own choice.
-            in_grace = time.monotonic() < grace_until
-            if in_grace and self.devices.reclaim_defaults(pulse):
-                log.info("the default devices were moved at start-up: made ours again")
+            if time.monotonic() < grace_until:
+                self._take_back_defaults()
+            if not changed:
+                continue
+            changed = False
             if not self.devices.present(pulse):
                 log.warning("the virtual devices were removed by someone else: recreating them")
                 self.devices.setup(pulse)
@@ -310,6 +319,19 @@ class AudioServerWatcher:
             if now != usage:
                 usage = now
                 self._post(UsageChanged(usage))
+
+    def _take_back_defaults(self) -> None:
+        """Inside the start-up window, make our devices the defaults again if they were moved.
+
+        Asked on a connection of its own, and without waiting for an event:
+        PipeWire's pulse server (0.3.65) can go on showing a long-lived
+        client the default from before a move, with no event for it, while a
+        new connection sees the move (seen for 8 s and more; the watcher's
+        own connection missed moves this way)."""
+        with pulse_devices.connect(CLIENT_NAME + "-defaults", self.server) as fresh:
+            if self.devices.reclaim_defaults(fresh):
+                # Also when the server had not yet applied our own setting (PipeWire).
+                log.info("the default devices were not ours during start-up: made ours again")
 
 
 def restart_sink_clock(server: str | None, sink_name: str) -> None:
