@@ -223,6 +223,7 @@ class HostPlayback(_HostThread):
 
     def _pump(self, stream: PcmStream) -> None:
         priming = True
+        restarting = False
         # When the host will have played everything written so far: the
         # stream's latency after each write, on our clock. pa_simple has no
         # underflow callback; arriving after this is what one would report.
@@ -242,7 +243,9 @@ class HostPlayback(_HostThread):
                 now = time.monotonic()
                 if dry_at is not None and now > dry_at + DRY_MARGIN_S:
                     heard = self.played_bytes >= judged_from and now - dry_at < PAUSE_S
-                    if heard and not self._after_idle:
+                    # Only a gap heard mid-stream makes what queued meanwhile late.
+                    restarting = heard and not self._after_idle
+                    if restarting:
                         self.underruns += 1
                         log.debug("%s: host stream ran dry %.1f ms before audio came",
                                   self.vm_name, (now - dry_at) * 1000)  # fmt: skip
@@ -259,6 +262,14 @@ class HostPlayback(_HostThread):
                     priming = False
                     if self._stop or not self._queue:
                         continue
+                    if restarting:
+                        # What piled up while the host ran dry is late: played
+                        # in full it would stay in the latency for as long as
+                        # the VM plays. Keep the reserve, newest audio last.
+                        keep = self.hold + len(self._queue[-1])
+                        while self._queued > keep and len(self._queue) > 1:
+                            self._drop_oldest()
+                restarting = False
                 chunk = self._queue.popleft()
                 self._queued -= len(chunk)
                 ran_dry = not self._queue
