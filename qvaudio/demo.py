@@ -26,6 +26,7 @@ from typing import Any
 
 from qvaudio.control import ControlError, request
 from qvaudio.formats import DEFAULT_FORMAT
+from qvaudio.policy import Access
 from qvaudio.private_pulse import SINK, PrivatePulse, PulseUnavailable
 
 VM_NAME = "demo-vm"
@@ -71,9 +72,32 @@ def _status(control: Path) -> dict[str, Any] | None:
 
 
 def _playing(control: Path) -> dict[str, Any] | None:
+    vm = _vm_status(control)
+    if vm is not None and vm["playback"].get("active"):
+        return vm
+    return None
+
+
+def _decided(control: Path) -> dict[str, Any] | None:
+    """The VM's status once dom0 plays it or its policy has refused it.
+
+    A person whose policy denies playback learns that at once, and the demo
+    still plays the tone to show that nothing gets through.
+    """
+    vm = _vm_status(control)
+    if vm is not None and (vm["playback"].get("active") or _denied(vm)):
+        return vm
+    return None
+
+
+def _denied(vm: dict[str, Any]) -> bool:
+    return bool(vm["playback"].get("decision") == Access.DENY)
+
+
+def _vm_status(control: Path) -> dict[str, Any] | None:
     status = _status(control)
     vm = (status or {}).get("vms", {}).get(VM_NAME)
-    if vm and isinstance(vm.get("playback"), dict) and vm["playback"].get("active"):
+    if vm and isinstance(vm.get("playback"), dict):
         return vm  # type: ignore[no-any-return]
     return None
 
@@ -122,7 +146,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 host_pulse.start()
                 host_env = host_pulse.full_env()
             host_server = host_pulse.server if host_pulse else None
-            _progress(args, "starting qvaudio-dom0 (shipped policy/, Unix-socket transport)")
+            _progress(
+                args, "starting qvaudio-dom0 (its usual config and policy, Unix-socket transport)"
+            )
             agents.append(_agent(
                 "qvaudio.agent_dom0",
                 ["--transport", f"unix:{vm_dir}", "--control-socket", str(control),
@@ -136,7 +162,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 vm_pulse.full_env(), logs[1],
             ))  # fmt: skip
             _wait("the guest's virtual sink", lambda: _default_sink_is_ours(vm_pulse), 20, logs)
-            vm_status = _wait("dom0 to take the VM's playback", lambda: _playing(control), 20, logs)
+            vm_status = _wait("dom0 to take the VM's playback", lambda: _decided(control), 20, logs)
+            if _denied(vm_status):
+                _progress(args, f"dom0's policy denies playback for {VM_NAME!r}: "
+                                f"{vm_status['playback'].get('rule')}")  # fmt: skip
             _progress(args, f"playing {FREQ:g} Hz for {args.seconds:g} s in the VM")
             recorded: list[bytes] = []
             period = fmt.bytes_for_ms(10)
@@ -174,12 +203,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             samples = decode_mono(b"".join(recorded), fmt)
             onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
             arrived = onset is not None and offset is not None and offset - onset > fmt.rate // 10
-            freq = coverage = snr = 0.0
+            # Measured whether or not the tone arrived: 0.0 then says that
+            # nothing (not a quieter tone) reached dom0.
+            coverage = nonsilent_fraction(samples, fmt.rate)
+            freq = snr = 0.0
             onset_ms = None
             if arrived and onset is not None and offset is not None:
                 tone_only = samples[onset:offset]
                 freq = estimate_frequency(tone_only, fmt.rate)
-                coverage = nonsilent_fraction(samples, fmt.rate)
                 snr = snr_db(tone_only, fmt.rate, freq)
                 # Each chunk says when its audio was captured; the median over
                 # chunks of "capture time minus position" is when recording began.
@@ -187,6 +218,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 started = starts[len(starts) // 2]
                 onset_ms = round((started + onset / fmt.rate - play_t0) * 1000, 1)
             final = _playing(control) or vm_status
+            policy_dir = ((_status(control) or {}).get("policy") or {}).get("dir")
             playback = final.get("playback", {})
             return {
                 "vm": VM_NAME,
@@ -199,6 +231,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "reported_latency_ms": round(playback.get("latency_us", 0) / 1000, 1),
                 "policy_decision": playback.get("decision"),
                 "policy_rule": playback.get("rule"),
+                "policy_dir": policy_dir,
                 "format": playback.get("format"),
                 "played_to": "your audio server" if args.speakers else "a private dom0 server",
                 "tone_arrived": arrived and abs(freq - FREQ) / FREQ < 0.005 and coverage >= 0.99,
@@ -235,6 +268,7 @@ def _print(result: dict[str, Any]) -> None:
     print(f"qvaudio demo: {verdict}")
     print(f"  VM               {result['vm']} ({result['format']}) -> {result['played_to']}")
     print(f"  policy           playback {result['policy_decision']} ({result['policy_rule']})")
+    print(f"  policy files     {result['policy_dir']}")
     print(
         f"  frequency        {result['measured_hz']} Hz (played {result['tone_hz']:g} Hz, "
         f"error {result['frequency_error_percent']}%)"
