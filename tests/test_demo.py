@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from qvaudio.private_pulse import PrivatePulse
 
 QVAUDIO = Path(sys.executable).parent / "qvaudio"
@@ -59,6 +61,7 @@ def assert_tone_intact(result: dict[str, Any]) -> None:
     assert result["snr_db"] > 10, result
 
 
+@pytest.mark.needs_audio  # the demo starts two private PulseAudio daemons
 def test_the_tone_arrives_intact_and_json_is_one_object() -> None:
     code, result, stderr = demo_json()
     assert code == 0, stderr
@@ -76,6 +79,7 @@ def test_the_tone_arrives_intact_and_json_is_one_object() -> None:
     assert "... starting" not in stderr
 
 
+@pytest.mark.needs_audio  # the demo starts two private PulseAudio daemons
 def test_a_person_sees_progress_and_a_verdict() -> None:
     done = demo()
     assert done.returncode == 0, done.stderr
@@ -90,6 +94,7 @@ def test_a_person_sees_progress_and_a_verdict() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.needs_audio  # the demo starts two private PulseAudio daemons
 def test_a_policy_that_denies_playback_is_shown_and_nothing_arrives(tmp_path: Path) -> None:
     policy = tmp_path / "policy"
     policy.mkdir()
@@ -126,6 +131,7 @@ def test_missing_pulseaudio_is_a_clear_message(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+@pytest.mark.needs_audio  # the demo starts two private PulseAudio daemons
 def test_speakers_plays_to_the_users_own_server(tmp_path: Path) -> None:
     # A private daemon stands in for the person's desktop audio server.
     desktop = PrivatePulse(tmp_path, "desktop")

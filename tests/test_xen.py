@@ -34,7 +34,7 @@ def _serial_tail(result: dict[str, Any], lines: int = 80) -> str:
     return "\n".join(text[-lines:])
 
 
-@pytest.mark.slow
+@pytest.mark.needs_qemu
 def test_both_agents_on_real_xen() -> None:
     out = REPO / "results" / "xen" / time.strftime("%Y%m%dT%H%M%SZ-pytest", time.gmtime())
     env = {**os.environ, "QV_XEN_RESULTS": str(out)}
