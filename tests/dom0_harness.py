@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,14 +137,30 @@ def host(make_pulse_server: Callable[[str], PulseAudioServer]) -> PulseAudioServ
     return make_pulse_server("dom0-host")
 
 
+_AGENT = pytest.StashKey[Dom0]()
+
+
 @pytest.fixture
-def dom0(tmp_path: Path, host: PulseAudioServer) -> Iterator[Dom0]:
+def dom0(request: pytest.FixtureRequest, tmp_path: Path, host: PulseAudioServer) -> Iterator[Dom0]:
     host.ensure_running()
     agent = Dom0(tmp_path, host)
+    request.node.stash[_AGENT] = agent
     agent.start()
     yield agent
     code = agent.stop()
     assert code == 0, f"qvaudio-dom0 did not stop cleanly ({code}):\n{agent.log_text()}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test that ran qvaudio-dom0 shows the agent's log."""
+    report = yield
+    agent = item.stash.get(_AGENT, None)
+    if report.failed and agent is not None and agent.log.exists():
+        report.sections.append(("qvaudio-dom0 log", agent.log_text(tail=12000)))
+    return report
 
 
 def record_monitor(
