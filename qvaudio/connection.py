@@ -103,6 +103,9 @@ class Connection:
         self._hello_sent = False
         self._hello_received = False
         self._streams = {kind: StreamNegotiation() for kind in StreamKind}
+        #: Size of the last playback PCM frame if it was under 1 ms: then the
+        #: next playback frame must not be PCM.
+        self._short_pcm: int | None = None
 
     # -- queries ---------------------------------------------------------------
 
@@ -127,11 +130,16 @@ class Connection:
         """
         if self.state is ConnectionState.FAILED:
             raise RemoteProtocolError("connection already failed")
+        events: list[Event] = []
         try:
-            events = self._decoder.feed(data)
-            for event in events:
+            self._decoder.push(data)
+            # One frame at a time: the first wrong one stops the work at once,
+            # however many a hostile peer packed behind it.
+            while (event := self._decoder.next_event()) is not None:
                 self._process_received(event)
-        except RemoteProtocolError:
+                events.append(event)
+        except RemoteProtocolError as exc:
+            self._decoder.fail(exc)
             self.state = ConnectionState.FAILED
             raise
         return events
@@ -205,6 +213,8 @@ class Connection:
                 if negotiation.pending:
                     raise error(f"{kind.name.lower()} format offer while one is pending")
                 negotiation.offer(formats)
+                if kind is StreamKind.PLAYBACK:
+                    self._short_pcm = None
             case FormatAccept(stream=kind, format=fmt):
                 negotiation = self._expect_pending(kind, error)
                 if fmt not in negotiation.offered:
@@ -229,6 +239,7 @@ class Connection:
                     status = self.playback_status.name.lower()
                     raise error(f"playback PCM while playback is {status}")
                 self._check_pcm(StreamKind.PLAYBACK, pcm, error)
+                self._check_pcm_length(pcm, error)
             case CaptureData(pcm=pcm):
                 if sender is self.role and self._streams[StreamKind.CAPTURE].pending:
                     raise error("capture PCM while the guest's format offer is unanswered")
@@ -245,10 +256,25 @@ class Connection:
                 self.playback_status = status
             case Cork(corked=corked):
                 self.corked = corked
+                self._short_pcm = None
             case CaptureRequest() | Position():
                 pass
             case _:
                 raise error(f"unexpected {type(event).__name__}")
+
+    def _check_pcm_length(self, pcm: bytes, error: type[ProtocolError]) -> None:
+        """Playback PCM carries at least 1 ms of audio, but for the last frame before a
+        cork or a new offer (docs/protocol.md): the receiver's work per frame is
+        then bounded per second of audio, whatever the sender packs."""
+        if self._short_pcm is not None:
+            raise error(
+                f"playback PCM frame of {self._short_pcm} bytes (under 1 ms of audio) "
+                "was not the last before a cork or a format offer"
+            )
+        fmt = self._streams[StreamKind.PLAYBACK].format
+        assert fmt is not None  # _check_pcm made sure
+        if len(pcm) < fmt.min_pcm_bytes:
+            self._short_pcm = len(pcm)
 
     def _expect_pending(self, kind: StreamKind, error: type[ProtocolError]) -> StreamNegotiation:
         negotiation = self._streams[kind]

@@ -14,6 +14,24 @@ SUPPORTED_RATES: tuple[int, ...] = (44100, 48000)
 MIN_CHANNELS = 1
 MAX_CHANNELS = 8
 
+#: The order of channels in interleaved PCM, per channel count, in PulseAudio's
+#: position names: the standard WAVEFORMATEXTENSIBLE layouts (mono, stereo,
+#: 3.0, quad, 5.0, 5.1, 6.1, 7.1). Both agents open every stream with this
+#: map, so a format qvaudio accepts is one the host server can open (without
+#: a map PulseAudio has no default for 7 or 8 channels and refuses them).
+CHANNEL_POSITIONS: dict[int, tuple[str, ...]] = {
+    1: ("mono",),
+    2: ("front-left", "front-right"),
+    3: ("front-left", "front-right", "front-center"),
+    4: ("front-left", "front-right", "rear-left", "rear-right"),
+    5: ("front-left", "front-right", "front-center", "rear-left", "rear-right"),
+    6: ("front-left", "front-right", "front-center", "lfe", "rear-left", "rear-right"),
+    7: ("front-left", "front-right", "front-center", "lfe", "rear-center",
+        "side-left", "side-right"),
+    8: ("front-left", "front-right", "front-center", "lfe", "rear-left", "rear-right",
+        "side-left", "side-right"),
+}  # fmt: skip
+
 
 class SampleFormat(enum.IntEnum):
     """Sample encodings; the values are the protocol's wire codes."""
@@ -80,6 +98,20 @@ class AudioFormat:
     @property
     def bytes_per_second(self) -> int:
         return self.frame_size * self.rate
+
+    @property
+    def channel_map(self) -> str:
+        """The channel order as PulseAudio writes a map ("front-left,front-right")."""
+        return ",".join(CHANNEL_POSITIONS[self.channels])
+
+    @property
+    def min_pcm_bytes(self) -> int:
+        """The least audio a PCM frame may carry (docs/protocol.md): 1 ms, whole frames.
+
+        Every frame costs the receiver the same work whatever it carries, so
+        a peer sending one-sample frames at real time would cost it a frame
+        per sample."""
+        return self.rate // 1000 * self.frame_size
 
     def bytes_for_ms(self, ms: float) -> int:
         """Whole frames covering `ms` milliseconds, in bytes."""

@@ -341,12 +341,25 @@ def encode(event: Event) -> bytes:
 
 
 def pcm_chunks(pcm: bytes, frame_size: int) -> Iterable[bytes]:
-    """`pcm` in pieces that each fit one frame's payload and hold whole audio frames."""
+    """`pcm` in pieces that each fit one frame's payload and hold whole audio frames.
+
+    The pieces are as equal as whole frames allow, so none is a small
+    remainder: a frame must carry at least 1 ms of audio (docs/protocol.md),
+    and every piece of PCM that does holds at least half a maximal frame.
+    """
     if frame_size <= 0:
         raise LocalProtocolError("frame size must be positive")
-    step = MAX_PAYLOAD - MAX_PAYLOAD % frame_size
-    for start in range(0, len(pcm), step):
-        yield pcm[start : start + step]
+    frames = len(pcm) // frame_size
+    per_frame = MAX_PAYLOAD // frame_size
+    count = max(1, -(-frames // per_frame))
+    base, extra = divmod(frames, count)
+    start = 0
+    for i in range(count):
+        end = start + (base + (1 if i < extra else 0)) * frame_size
+        if i == count - 1:
+            end = len(pcm)  # a partial frame at the end stays, for the caller's check
+        yield pcm[start:end]
+        start = end
 
 
 def encode_pcm(kind: StreamKind, pcm: bytes, frame_size: int) -> Iterable[bytes]:
@@ -474,47 +487,69 @@ def _decode_payload(kind: FrameType, payload: bytes) -> Event:
 class Decoder:
     """Turns a byte stream from one peer into events.
 
-    Parsing is eager: `feed` returns every complete frame at once and keeps
-    only the tail of an incomplete one, so the decoder never buffers more than
-    one frame however the input is split. After an error it stays failed: a
-    stream that lost framing cannot be trusted again.
+    Bytes go in with `feed`; `next_event` decodes one complete frame at a
+    time, so a receiver that rejects an event stops decoding at once instead
+    of first decoding everything a hostile peer packed into one read. The
+    decoder never buffers more than what was fed, and after an error it stays
+    failed: a stream that lost framing cannot be trusted again.
     """
 
     def __init__(self, sender: Role) -> None:
         self.sender = sender
         self._buffer = bytearray()
+        self._offset = 0
         self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
-        """Bytes held of an incomplete frame (at most MAX_FRAME - 1)."""
-        return len(self._buffer)
+        """Bytes fed and not yet decoded (after a full drain: at most MAX_FRAME - 1)."""
+        return len(self._buffer) - self._offset
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Add bytes and return every event they complete (`push` plus draining)."""
+        self.push(data)
+        events: list[Event] = []
+        while (event := self.next_event()) is not None:
+            events.append(event)
+        return events
+
+    def push(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes from the peer without decoding them yet."""
         if self._error is not None:
             raise self._error
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
         self._buffer += data
-        events: list[Event] = []
-        offset = 0
+
+    def next_event(self) -> Event | None:
+        """The next complete frame's event, or None until more bytes come."""
+        if self._error is not None:
+            raise self._error
+        available = len(self._buffer) - self._offset
+        if available < HEADER_SIZE:
+            return None
         try:
-            while len(self._buffer) - offset >= HEADER_SIZE:
-                kind_code, flags, length = HEADER.unpack_from(self._buffer, offset)
-                kind = self._check_header(kind_code, flags, length)
-                end = offset + HEADER_SIZE + length
-                if end > len(self._buffer):
-                    break
-                # One copy per frame: PCM needs its own bytes anyway, and no view
-                # into the buffer may outlive a validation error.
-                events.append(
-                    _decode_payload(kind, bytes(self._buffer[offset + HEADER_SIZE : end]))
-                )
-                offset = end
+            kind_code, flags, length = HEADER.unpack_from(self._buffer, self._offset)
+            kind = self._check_header(kind_code, flags, length)
+            start = self._offset + HEADER_SIZE
+            end = start + length
+            if end > len(self._buffer):
+                return None
+            # One copy per frame: PCM needs its own bytes anyway, and no view
+            # into the buffer may outlive a validation error.
+            event = _decode_payload(kind, bytes(self._buffer[start:end]))
         except RemoteProtocolError as exc:
-            self._error = exc
-            self._buffer.clear()
+            self.fail(exc)
             raise
-        del self._buffer[:offset]
-        return events
+        self._offset = end
+        return event
+
+    def fail(self, exc: RemoteProtocolError) -> None:
+        """Stay failed with `exc` (the receiver rejected an event) and drop the rest."""
+        self._error = exc
+        self._buffer.clear()
+        self._offset = 0
 
     def _check_header(self, kind_code: int, flags: int, length: int) -> FrameType:
         kind = _decode_enum(FrameType, kind_code, "frame type")

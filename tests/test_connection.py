@@ -109,7 +109,7 @@ def test_too_old_peer_is_refused_with_version_code() -> None:
 
 
 # Remote violations: each is (setup, raw frames the guest sends to dom0, message).
-S16_PCM = bytes(S16.frame_size * 10)
+S16_PCM = bytes(S16.bytes_for_ms(10))
 REMOTE_VIOLATIONS: list[tuple[str, bool, list[Event], str]] = [
     ("data before hello", False, [Cork(True)], "before hello"),
     ("second hello", True, [Hello()], "second hello"),
@@ -150,6 +150,40 @@ def test_partial_audio_frame_is_refused() -> None:
     _guest, dom0 = negotiated()
     with pytest.raises(RemoteProtocolError, match="not whole frames of 4 bytes"):
         dom0.receive_data(encode(PlaybackData(b"\0" * 6)))
+
+
+def test_a_frame_under_1_ms_may_only_be_the_last_before_a_cork_or_offer() -> None:
+    guest, dom0 = negotiated()
+    short = PlaybackData(bytes(S16.min_pcm_bytes - S16.frame_size))
+    one_ms = PlaybackData(bytes(S16.min_pcm_bytes))
+    # Exactly 1 ms is a full frame; a shorter one ends a sound, then a cork or offer.
+    assert deliver(guest, dom0, one_ms) == [one_ms]
+    assert deliver(guest, dom0, short) == [short]
+    assert deliver(guest, dom0, Cork(True)) == [Cork(True)]
+    deliver(guest, dom0, Cork(False))
+    deliver(guest, dom0, short)
+    deliver(guest, dom0, FormatOffer(StreamKind.PLAYBACK, (S16,)))
+    deliver(dom0, guest, FormatAccept(StreamKind.PLAYBACK, S16))
+    # Our own guest is stopped before it sends a second frame after a short one.
+    deliver(guest, dom0, short)
+    with pytest.raises(
+        LocalProtocolError, match=r"8 bytes \(under 1 ms of audio\) was not the last"
+    ):
+        guest.send(one_ms)
+
+
+def test_tiny_frames_are_refused_at_the_second_and_decoding_stops_there() -> None:
+    _guest, dom0 = negotiated()
+    tiny = encode(PlaybackData(bytes(S16.frame_size)))
+    # A thousand one-sample frames and garbage behind them: the error names the
+    # second frame, so nothing after it was even decoded.
+    wire = tiny * 1000 + b"\x7f\x00\x00\x00"
+    with pytest.raises(
+        RemoteProtocolError, match=r"4 bytes \(under 1 ms of audio\) was not the last"
+    ):
+        dom0.receive_data(wire)
+    assert dom0.state is ConnectionState.FAILED
+    assert dom0.buffered == 0
 
 
 def test_capture_pcm_only_while_running() -> None:

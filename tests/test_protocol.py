@@ -38,6 +38,7 @@ from qvaudio.protocol import (
     clip_reason,
     encode,
     encode_pcm,
+    pcm_chunks,
 )
 
 S16_48K_2 = AudioFormat(48000, SampleFormat.S16LE, 2)
@@ -201,6 +202,19 @@ def test_encode_pcm_splits_on_whole_frames() -> None:
     assert b"".join(e.pcm for e in events if isinstance(e, PlaybackData)) == pcm
     assert all(len(e.pcm) % fmt.frame_size == 0 for e in events if isinstance(e, PlaybackData))
     assert len(frames) == 3
+
+
+@given(
+    st.sampled_from([S16_48K_2, F32_44K_6, AudioFormat(48000, SampleFormat.S32LE, 8)]),
+    st.integers(1, 200_000),
+)
+def test_pcm_chunks_are_whole_frames_of_nearly_equal_size(fmt: AudioFormat, frames: int) -> None:
+    pcm = bytes(fmt.frame_size * frames)
+    chunks = list(pcm_chunks(pcm, fmt.frame_size))
+    assert b"".join(chunks) == pcm
+    assert all(0 < len(c) <= MAX_PAYLOAD and len(c) % fmt.frame_size == 0 for c in chunks)
+    # No small remainder: a PCM frame must carry 1 ms unless it ends a sound.
+    assert max(len(c) for c in chunks) - min(len(c) for c in chunks) <= fmt.frame_size
 
 
 # --- property-based: random events, random splits, random garbage --------------
