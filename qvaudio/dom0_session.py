@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from qvaudio.actions import Log, Notify, Send
 from qvaudio.connection import Connection, ConnectionState
+from qvaudio.cost import TokenBucket
 from qvaudio.formats import AudioFormat
 from qvaudio.gain import apply_gain, percent_to_gain
 from qvaudio.policy import Access, Decision, Direction, Policy, VmIdentity, choose_format, evaluate
@@ -132,8 +133,8 @@ class Limits:
     control_burst: float = 200.0
     #: Audio is read at most this many times real time. Faster than real time
     #: lets a guest's backlog (after a host stall, say) drain; anything beyond is
-    #: throttled by not reading, and a guest still pushing after `flood_grace`
-    #: seconds, while the host plays normally, is flooding.
+    #: throttled by not reading, and a guest that gets `flood_grace` seconds of
+    #: audio ahead of the clock (5 s at twice real time) is flooding.
     read_rate_factor: float = 2.0
     flood_grace: float = 5.0
     #: A guest whose microphone ring stays full this long is not reading it.
@@ -161,29 +162,26 @@ class Limits:
     #: is dropped down to the target (latency recovers after a stall).
     trim_margin_ms: int = 20
     trim_after_s: float = 0.5
-    #: Read rate for audio that goes nowhere (playback denied or not agreed):
-    #: enough to drain a legitimate guest's in-flight audio, bounded for a flood.
-    discard_bytes_per_second: int = 48000 * 8 * 4
-
-
-@dataclass(slots=True)
-class _TokenBucket:
-    rate: float
-    burst: float
-    tokens: float
-    updated: float
-
-    def refill(self, now: float) -> None:
-        elapsed = max(0.0, now - self.updated)
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        self.updated = now
-
-    def take(self, amount: float, now: float) -> bool:
-        self.refill(now)
-        if self.tokens < amount:
-            return False
-        self.tokens -= amount
-        return True
+    #: Every frame costs dom0 the same fixed work whatever it carries, so frames
+    #: are budgeted too, not only bytes. A PCM frame carries at least 1 ms, so
+    #: an honest guest sends at most 1000 a second at real time and 2000 while
+    #: catching up at the read limit, plus a few control frames. Out of budget,
+    #: it is not read; still pushing after `work_grace` seconds, it is cut off.
+    frames_per_second: float = 2100.0
+    work_grace: float = 1.0
+    #: Host streams (re)opened for this VM by what it asks: format changes and
+    #: microphone starts. Opening a stream costs the host server real work,
+    #: and a storm of them would cost every VM's sound.
+    host_opens_per_minute: float = 12.0
+    #: Desktop notifications caused by this VM: the user's screen, and the
+    #: global notification budget, are shared with every other VM.
+    notifications_per_minute: float = 4.0
+    #: PCM frames shorter than this are joined before gain and the host stream.
+    coalesce_ms: int = 4
+    #: After the host server refused to open a stream for this VM's format,
+    #: wait this long before trying again (doubling up to `host_retry_max`).
+    host_retry_first: float = 5.0
+    host_retry_max: float = 60.0
 
 
 @dataclass(slots=True)
@@ -308,23 +306,36 @@ class VmSession:
         self._capture = evaluate(policy, vm, Direction.CAPTURE)
         self._started = now
         self._partial_since: float | None = None
-        self._throttled_since: float | None = None
+        #: Seconds of audio sent ahead of real time (see _count_audio).
+        self._ahead = 0.0
+        self._ahead_checked = now
         self._capture_stalled_since: float | None = None
         self._last_position = now
         self._host = _HostView()
-        self._control = _TokenBucket(
+        self._control = TokenBucket(
             self.limits.control_frames_per_second,
             self.limits.control_burst,
             self.limits.control_burst,
             now,
         )
-        self._pcm_tokens: _TokenBucket | None = None
-        self._discard = _TokenBucket(
-            self.limits.discard_bytes_per_second,
-            self.limits.discard_bytes_per_second / 5,
-            self.limits.discard_bytes_per_second / 5,
-            now,
-        )
+        self._pcm_tokens: TokenBucket | None = None
+        per_second = self.limits.frames_per_second
+        self._frames = TokenBucket.full(per_second, per_second / 5, now)
+        #: Seconds the guest had more waiting while out of frame budget (see note_backlog).
+        self._work_pressure = 0.0
+        self._work_checked = now
+        per_minute = self.limits.host_opens_per_minute
+        self._host_opens = TokenBucket.full(per_minute / 60, per_minute, now)
+        per_minute = self.limits.notifications_per_minute
+        self._notifications = TokenBucket.full(per_minute / 60, per_minute, now)
+        #: The host server refused this VM's playback stream: not before this time again.
+        #: Short PCM frames joined until they make `coalesce_ms` (see _play).
+        self._held = bytearray()
+        self._held_since = now
+        self._held_after_idle = False
+        self._host_retry_at: float | None = None
+        self._host_retry_wait = self.limits.host_retry_first
+        self._host_refused_reason = ""
         self._denial_logged: set[Direction] = set()
         #: When the host will have played all the audio sent so far (estimate).
         self._playout_end: float | None = None
@@ -401,6 +412,9 @@ class VmSession:
         """
         if self.closed:
             return 0
+        self._frames.refill(now)
+        if self._frames.tokens <= 0:
+            return 0  # out of work budget: nothing more is read until it refills
         if (
             self.conn.state is not ConnectionState.OPEN
             or self.conn.stream(StreamKind.PLAYBACK).pending
@@ -408,17 +422,18 @@ class VmSession:
             # Handshake and negotiation frames are small; PCM can't come yet.
             return 4096
         fmt = self.playback_format
-        if self.playback_active and fmt is not None:
-            # Paced by a token bucket, not by the host queue: the queue drops
-            # its oldest audio when full, so a backlog drains and latency
-            # recovers, while reading stays bounded at a multiple of real time.
-            if self._pcm_tokens is None:
-                rate = fmt.bytes_per_second * self.limits.read_rate_factor
-                self._pcm_tokens = _TokenBucket(rate, rate / 5, rate / 5, now)
-            self._pcm_tokens.refill(now)
-            return max(int(self._pcm_tokens.tokens), 0)
-        self._discard.refill(now)
-        return max(int(self._discard.tokens), 64)
+        if fmt is None:
+            return 4096  # only control frames may come: PCM needs an agreed format
+        # Paced by a token bucket, not by the host queue: the queue drops its
+        # oldest audio when full, so a backlog drains and latency recovers,
+        # while reading stays bounded at a multiple of real time. The same
+        # bucket paces audio that is discarded (playback stopped by policy or
+        # by the host): a guest may not push more of it either.
+        if self._pcm_tokens is None:
+            rate = fmt.bytes_per_second * self.limits.read_rate_factor
+            self._pcm_tokens = TokenBucket(rate, rate / 5, rate / 5, now)
+        self._pcm_tokens.refill(now)
+        return max(int(self._pcm_tokens.tokens), 0)
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -440,6 +455,7 @@ class VmSession:
             self._partial_since = None
         elif events or self._partial_since is None:
             self._partial_since = now
+        self._frames.charge(len(events), now)
         actions: list[Action] = []
         for event in events:
             if not isinstance(event, PlaybackData) and not self._control.take(1, now):
@@ -505,6 +521,44 @@ class VmSession:
             self._host_dry_seen = count
             self._grow_jitter(now)
 
+    def host_playback_failed(self, reason: str, now: float) -> list[Action]:
+        """The host server refused to open this VM's playback stream (not merely
+        unreachable: that the shell retries by itself).
+
+        The guest is told to stop sending audio nobody can hear, and the
+        stream is tried again after a wait that doubles while it keeps failing,
+        so a format the host will not take costs one attempt a minute, not one
+        a frame."""
+        if self.closed or not self.playback_active:
+            return []
+        wait = self._host_retry_wait
+        self._host_retry_at = now + wait
+        self._host_retry_wait = min(wait * 2, self.limits.host_retry_max)
+        why = self._host_refused_reason = f"the host audio server refused the stream: {reason}"
+        return [
+            *self._stop_playback(why),
+            *self._send(PlaybackState(StreamStatus.STOPPED, clip_reason(why))),
+            Log(logging.WARNING, f"playback stopped: {why}; trying again in {wait:g} s"),
+        ]
+
+    def host_playback_opened(self) -> None:
+        """The host stream opened: a later refusal starts its wait from the beginning."""
+        self._host_retry_wait = self.limits.host_retry_first
+
+    def host_capture_failed(self, reason: str, now: float) -> list[Action]:
+        """The host server refused this VM's microphone stream: capture stops, and
+        the guest may ask again (within its budget of host stream opens)."""
+        if self.closed or not self.capture_running:
+            return []
+        self.capture_wanted = False
+        why = f"the host audio server refused the microphone stream: {reason}"
+        return [
+            *self._stop_capture_stream(why),
+            *self._send(CaptureState(StreamStatus.STOPPED, clip_reason(why))),
+            Log(logging.WARNING, f"microphone capture stopped: {why}"),
+            *self._notify(f"{self.vm.name} stopped recording", why, now),
+        ]
+
     def tick(self, now: float) -> list[Action]:
         """Time passed: timeouts and position reports."""
         if self.closed:
@@ -525,6 +579,14 @@ class VmSession:
             )
         if self.conn.state is not ConnectionState.OPEN:
             return []
+        actions: list[Action] = []
+        if self._held and now - self._held_since >= limits.coalesce_ms / 1000:
+            actions += self._release_held()  # the tail of a sound, with no cork after it
+        if self._host_retry_at is not None and now >= self._host_retry_at:
+            self._host_retry_at = None
+            actions += self._reconcile_playback(now)
+            if self.closed:
+                return actions
         if (
             self.jitter_ms > limits.jitter_start_ms
             and now - self._jitter_changed > limits.jitter_decay_s
@@ -536,7 +598,7 @@ class VmSession:
             else limits.idle_position_interval
         )
         if now - self._last_position < interval:
-            return []
+            return actions
         self._last_position = now
         report = Position(
             received_frames=self._received_frames(),
@@ -544,25 +606,51 @@ class VmSession:
             playback_latency_us=min(self._host.playback_latency_us, 2**32 - 1),
             capture_latency_us=min(self._host.capture_latency_us, 2**32 - 1),
         )
-        return self._send(report)
+        return actions + self._send(report)
 
-    def note_backlog(self, now: float, guest_has_more: bool, host_consuming: bool) -> list[Action]:
-        """After a read: whether the guest still had data we did not take.
+    def note_backlog(self, now: float, guest_has_more: bool) -> list[Action]:
+        """After a turn's read: whether the guest still had data we did not take.
 
-        A legitimate guest paces itself at real time, so its backlog clears.
-        One that keeps more waiting for `flood_grace` seconds while the host
-        stream plays normally is pushing faster than real time: cut it off.
+        Out of its frame budget dom0 reads nothing more from a guest; one
+        that keeps more waiting while out of budget for most of `work_grace`
+        seconds costs dom0 more than any honest guest does, and is cut off.
+        The time is summed (waiting turns add, others take away), so a guest
+        whose backlog blinks empty between turns gains nothing by it.
         """
-        if self.closed or not guest_has_more or not host_consuming:
-            self._throttled_since = None
+        elapsed = max(0.0, now - self._work_checked)
+        self._work_checked = now
+        if self.closed:
             return []
-        if self._throttled_since is None:
-            self._throttled_since = now
-            return []
-        if now - self._throttled_since > self.limits.flood_grace:
+        self._frames.refill(now)
+        if guest_has_more and self._frames.tokens <= 0:
+            self._work_pressure += elapsed
+        else:
+            self._work_pressure = max(0.0, self._work_pressure - elapsed)
+        limits = self.limits
+        if self._work_pressure > limits.work_grace:
             return self._cut_off(
                 GoodbyeCode.RATE_EXCEEDED,
-                f"sent audio faster than real time for over {self.limits.flood_grace:g} s",
+                f"sent more than {limits.frames_per_second:g} frames a second "
+                f"for over {limits.work_grace:g} s",
+            )
+        return []
+
+    def _count_audio(self, nbytes: int, fmt: AudioFormat, now: float) -> list[Action]:
+        """Audio beyond real time, summed: a guest `flood_grace` seconds of audio
+        ahead of the clock is flooding, whatever its pace or the host's state.
+
+        An honest guest never gets far ahead: its outbox is bounded (it drops
+        its oldest audio instead), so a backlog after a stall is a fraction of
+        a second. 5% of slack covers any clock drift between VM and dom0."""
+        rate = fmt.bytes_per_second
+        elapsed = max(0.0, now - self._ahead_checked)
+        self._ahead_checked = now
+        self._ahead = max(0.0, self._ahead - elapsed * rate * 1.05) + nbytes
+        grace = self.limits.flood_grace
+        if self._ahead > grace * rate:
+            return self._cut_off(
+                GoodbyeCode.RATE_EXCEEDED,
+                f"sent audio faster than real time ({grace:g} s of audio ahead of the clock)",
             )
         return []
 
@@ -637,22 +725,32 @@ class VmSession:
                 return self._play(pcm, now)
             case Cork(corked=corked):
                 self._playout_end = None  # idle is not late
-                return [Log(logging.DEBUG, "corked" if corked else "uncorked")]
+                if corked:
+                    return [*self._release_held(), Log(logging.DEBUG, "corked")]
+                return [Log(logging.DEBUG, "uncorked")]
             case CaptureRequest(start=start):
                 self.capture_wanted = start
                 return self._reconcile_capture(now, requested=True)
         raise AssertionError(f"guest event not handled: {event!r}")  # pragma: no cover
 
     def _negotiate_playback(self, formats: tuple[AudioFormat, ...], now: float) -> list[Action]:
-        actions: list[Action] = self._stop_playback("format renegotiated")
         fmt, why = choose_format(formats, self._playback)
         if fmt is None:
+            actions: list[Action] = self._stop_playback("format renegotiated")
             actions += self._send(FormatRefuse(StreamKind.PLAYBACK, clip_reason(why)))
             actions += self._log_denial(Direction.PLAYBACK, f"playback refused: {why}")
             return actions
+        if self.playback_active and fmt == self.playback_format:
+            # The same format again: the host stream it plays on stays as it is.
+            return self._send(FormatAccept(StreamKind.PLAYBACK, fmt))
+        actions = self._stop_playback("format renegotiated")
         actions += self._send(FormatAccept(StreamKind.PLAYBACK, fmt))
         actions.append(Log(logging.INFO, f"playback format {fmt} ({self._playback.reason})"))
-        return actions + self._start_playback(fmt)
+        refusal = self._host_refusal(now)
+        if refusal is not None:
+            # Agreed, but not to be played yet: the guest waits for PLAYBACK_STATE.
+            return actions + self._send(PlaybackState(StreamStatus.STOPPED, clip_reason(refusal)))
+        return actions + self._start_playback(fmt, now)
 
     def _negotiate_capture(self, formats: tuple[AudioFormat, ...], now: float) -> list[Action]:
         # The format is agreed on its own merits; whether audio may flow is
@@ -671,6 +769,12 @@ class VmSession:
 
     def _play(self, pcm: bytes, now: float) -> list[Action]:
         fmt = self.playback_format
+        if self._pcm_tokens is not None:
+            self._pcm_tokens.charge(len(pcm), now)
+        if fmt is not None:
+            flooding = self._count_audio(len(pcm), fmt, now)
+            if flooding:
+                return flooding
         if not self.playback_active or fmt is None:
             self.counters.bytes_discarded += len(pcm)
             return []
@@ -684,12 +788,35 @@ class VmSession:
         if self._playout_end is not None and now > self._playout_end + slack:
             self.counters.underruns += 1
             self._grow_jitter(now)
-        after_idle = self._playout_end is None
+        if self._playout_end is None:
+            self._held_after_idle = True
         start = now if self._playout_end is None else max(self._playout_end, now)
         self._playout_end = start + len(pcm) / fmt.bytes_per_second
-        if self._pcm_tokens is not None:
-            self._pcm_tokens.tokens -= len(pcm)
+        # Short frames are joined before the gain and the host stream see
+        # them: each Play costs the same work whatever it carries. Guests send
+        # whole periods of 10 ms, which pass at once.
+        if not self._held and len(pcm) >= fmt.bytes_for_ms(self.limits.coalesce_ms):
+            return self._played(pcm, fmt)
+        if not self._held:
+            self._held_since = now
+        self._held += pcm
+        if len(self._held) < fmt.bytes_for_ms(self.limits.coalesce_ms):
+            return []
+        return self._release_held()
+
+    def _played(self, pcm: bytes, fmt: AudioFormat) -> list[Action]:
+        after_idle, self._held_after_idle = self._held_after_idle, False
         return [Play(apply_gain(pcm, fmt, self.gain), after_idle)]
+
+    def _release_held(self) -> list[Action]:
+        """Play what short frames left waiting (at a cork, or when it has waited long)."""
+        fmt = self.playback_format
+        if not self._held or fmt is None or not self.playback_active:
+            self._held.clear()
+            return []
+        pcm = bytes(self._held)
+        self._held.clear()
+        return self._played(pcm, fmt)
 
     # -- reconciling state with policy ---------------------------------------------------
 
@@ -708,7 +835,9 @@ class VmSession:
         )
         self._jitter_changed = now
 
-    def _start_playback(self, fmt: AudioFormat) -> list[Action]:
+    def _start_playback(self, fmt: AudioFormat, now: float) -> list[Action]:
+        if not self._host_opens.take(1, now):
+            return self._too_many_host_opens()
         settings = self._playback.settings
         cap = settings.volume_max.value
         initial = 1.0 if cap == 0 else min(1.0, settings.volume_default.value / cap)
@@ -718,7 +847,22 @@ class VmSession:
         self._host_dry_seen = 0
         return [StartPlayback(fmt, initial)]
 
+    def _too_many_host_opens(self) -> list[Action]:
+        per_minute = self.limits.host_opens_per_minute
+        return self._cut_off(
+            GoodbyeCode.RATE_EXCEEDED,
+            f"made dom0 open host streams more than {per_minute:g} times a minute "
+            "(format or microphone changes)",
+        )
+
+    def _host_refusal(self, now: float) -> str | None:
+        """Why playback waits for the host (it refused the stream), if it still does."""
+        if self._host_retry_at is None or now >= self._host_retry_at:
+            return None
+        return self._host_refused_reason
+
     def _stop_playback(self, reason: str) -> list[Action]:
+        self._held.clear()
         if not self.playback_active:
             return []
         self.playback_active = False
@@ -735,11 +879,11 @@ class VmSession:
                 *self._send(PlaybackState(StreamStatus.DENIED, clip_reason(why))),
                 *self._log_denial(Direction.PLAYBACK, f"playback stopped: {why}"),
             ]
-        if not self.playback_active and allowed_fmt is not None:
+        if not self.playback_active and allowed_fmt is not None and self._host_refusal(now) is None:
             return [
                 *self._send(PlaybackState(StreamStatus.RUNNING)),
                 Log(logging.INFO, f"playback allowed again ({self._playback.reason})"),
-                *self._start_playback(fmt),
+                *self._start_playback(fmt, now),
             ]
         return []
 
@@ -764,15 +908,17 @@ class VmSession:
                 *self._stop_capture_stream(reason),
                 *self._send(CaptureState(status, clip_reason(reason))),
                 Log(logging.INFO, f"microphone capture stopped: {reason}"),
-                Notify(f"{name} stopped recording", reason),
+                *self._notify(f"{name} stopped recording", reason, now),
             ]
         if not self.capture_running and self.capture_wanted and allowed and fmt is not None:
+            if not self._host_opens.take(1, now):
+                return self._too_many_host_opens()
             self.capture_running = True
             return [
                 StartCapture(fmt),
                 *self._send(CaptureState(StreamStatus.RUNNING)),
                 Log(logging.INFO, f"microphone capture started ({why})"),
-                Notify(f"{name} is recording from the microphone", why),
+                *self._notify(f"{name} is recording from the microphone", why, now),
             ]
         if requested and self.capture_wanted and not self.capture_running:
             if fmt is None:
@@ -780,11 +926,18 @@ class VmSession:
             return [
                 *self._send(CaptureState(StreamStatus.DENIED, clip_reason(why))),
                 Log(logging.WARNING, f"microphone request refused: {why}"),
-                Notify(f"{name} was refused the microphone", why),
+                *self._notify(f"{name} was refused the microphone", why, now),
             ]
         if requested and not self.capture_wanted and not self.capture_running:
             return self._send(CaptureState(StreamStatus.STOPPED))
         return []
+
+    def _notify(self, summary: str, body: str, now: float) -> list[Action]:
+        # Notifications are the user's attention, shared by every VM: one VM
+        # gets a few a minute, and the log keeps every event anyway.
+        if not self._notifications.take(1, now):
+            return []
+        return [Notify(summary, body)]
 
     def _stop_capture_stream(self, reason: str) -> list[Action]:
         if not self.capture_running:

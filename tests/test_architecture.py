@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qvaudio"
 #: Pure code: bytes, events, snapshots and time go in as arguments.
 CORE = {
     "formats", "protocol", "connection", "policy", "dom0_session", "guest_session", "actions",
-    "gain", "tone", "safe_yaml",
+    "gain", "tone", "safe_yaml", "cost",
 }  # fmt: skip
 #: Standard modules that do I/O, read clocks, or start threads.
 IO_MODULES = {

@@ -111,7 +111,7 @@ def test_dom0_session_survives_anything(
             case "mic":
                 actions += session.capture_pcm(bytes(960), room=int(now) % 3 * 4096, now=now)
             case "backlog":
-                actions += session.note_backlog(now, guest_has_more=True, host_consuming=True)
+                actions += session.note_backlog(now, guest_has_more=True)
         budget = session.read_budget(now, queued_bytes=0)
         chunk = stream[offset : offset + min(size, max(budget, 0))]
         offset += len(chunk)
