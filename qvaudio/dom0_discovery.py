@@ -71,6 +71,8 @@ class UnixDirDiscovery:
 
     def refresh(self) -> None:
         found: dict[str, Target] = {}
+        #: Names per socket (device, inode): a socket is one VM, whatever its links.
+        names_of: dict[tuple[int, int], list[str]] = {}
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
@@ -98,6 +100,20 @@ class UnixDirDiscovery:
                 epoch=(info.st_ino, info.st_mtime_ns),
                 origin=f"socket {entry.path}",
             )
+            names_of.setdefault((info.st_dev, info.st_ino), []).append(name)
+        for names in names_of.values():
+            if len(names) < 2:
+                continue
+            # Hard links: one guest under several names, so under whichever
+            # rule each name matches. Which name is the VM's cannot be told.
+            key = "\0".join(sorted(names))
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("ignoring sockets %s in %s: they are one socket (hard links), "
+                            "so no name of it can be trusted", ", ".join(sorted(names)),
+                            self.directory)  # fmt: skip
+            for name in names:
+                del found[name]
         self._targets = found
 
     def targets(self) -> dict[str, Target]:

@@ -19,6 +19,7 @@ import sys
 from typing import Any, BinaryIO, TextIO
 
 from qvaudio.control import ControlError, default_socket_path, request
+from qvaudio.log import OneLineFormatter
 
 log = logging.getLogger("qvaudio.admin")
 
@@ -59,7 +60,10 @@ def serve(stdin: BinaryIO, stdout: TextIO, caller: str) -> int:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    # What the admin VM asks is logged escaped, like every string from outside.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     caller = os.environ.get("QREXEC_REMOTE_DOMAIN", "")
     if not _VM.fullmatch(caller):
         print("qvaudio.Admin: run by qrexec only (no valid QREXEC_REMOTE_DOMAIN)", file=sys.stderr)
