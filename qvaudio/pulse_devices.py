@@ -104,7 +104,8 @@ def ensure_null_sink(pulse: Pulse, name: str, description: str, fmt: AudioFormat
         return int(existing.index)
     args = (
         f"sink_name={name} format={fmt.sample_format.pulse_name} rate={fmt.rate} "
-        f"channels={fmt.channels} sink_properties={_quote_description(description)}"
+        f"channels={fmt.channels} channel_map={fmt.channel_map} "
+        f"sink_properties={_quote_description(description)}"
     )
     module = pulse.module_load(NULL_SINK_MODULE, args)
     sink = _appeared(lambda: _find_sink(pulse, name))

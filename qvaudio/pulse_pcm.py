@@ -124,6 +124,25 @@ def check(failed: bool, error: Any, action: str) -> None:
         raise PulseError(code, strerror(code), action)
 
 
+def channel_map_of(fmt: AudioFormat) -> Any:
+    """`fmt`'s channel order (formats.CHANNEL_POSITIONS) as a pa_channel_map.
+
+    Always passed explicitly: with none, libpulse has no default for 7 or 8
+    channels and the server refuses the stream ("Invalid argument")."""
+    channel_map: Any = _ffi.new("pa_channel_map *")
+    if _load()[1].pa_channel_map_parse(channel_map, fmt.channel_map.encode()) == _ffi.NULL:
+        raise ValueError(f"libpulse does not know the channel map {fmt.channel_map!r}")
+    return channel_map
+
+
+def channel_map_text(channel_map: Any) -> str:
+    """libpulse's own rendering of a pa_channel_map (for checks and logs)."""
+    buf = _ffi.new("char[]", 336)  # PA_CHANNEL_MAP_SNPRINT_MAX
+    _load()[1].pa_channel_map_snprint(buf, len(buf), channel_map)
+    raw = _ffi.string(buf)
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def _validate_props(props: Mapping[str, str]) -> None:
     for key, value in props.items():
         if not key or "=" in key or "\0" in key or any(c.isspace() for c in key):
@@ -242,6 +261,7 @@ class PcmStream:
         spec.format = getattr(lib, _PA_SAMPLE[fmt.sample_format])
         spec.rate = fmt.rate
         spec.channels = fmt.channels
+        channel_map = channel_map_of(fmt)
         error = _ffi.new("int *")
         direction = lib.PA_STREAM_PLAYBACK if playback else lib.PA_STREAM_RECORD
         kind = "playback" if playback else "record"
@@ -257,7 +277,7 @@ class PcmStream:
                 _enc(device),
                 _enc(stream_name),
                 spec,
-                _ffi.NULL,
+                channel_map,
                 attr,
                 error,
             )

@@ -14,7 +14,7 @@ import pulsectl
 import pytest
 
 from qvaudio import guest_devices, pulse_devices, tone
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.formats import CHANNEL_POSITIONS, MAX_CHANNELS, AudioFormat, SampleFormat
 from qvaudio.pulse_pcm import PcmStream, PulseError, strerror
 from tests.audio_daemons import AudioServer, PulseAudioServer
 
@@ -183,6 +183,26 @@ def test_stream_properties_reach_the_server(
     assert outputs[0].proplist["media.role"] == "phone"
     # Scoped to opening the streams: nothing left behind for later clients.
     assert not [k for k in os.environ if k.startswith("PULSE_PROP_OVERRIDE_")]
+
+
+def test_every_channel_count_opens_with_the_standard_map(
+    audio_server: AudioServer, pulse: pulsectl.Pulse
+) -> None:
+    """Every format qvaudio accepts must be one the host can open: without an
+    explicit map, 7- and 8-channel streams were refused ("Invalid argument")."""
+    for channels in range(1, MAX_CHANNELS + 1):
+        fmt = AudioFormat(48000, SampleFormat.F32LE, channels)
+        with PcmStream.playback(
+            audio_server.server, None, fmt, "qvaudio-test", f"{channels} ch",
+            tlength_bytes=fmt.bytes_for_ms(50), props={"qvaudio.test": f"ch{channels}"},
+        ) as stream:  # fmt: skip
+            stream.write(bytes(fmt.bytes_for_ms(10)))
+            (ours,) = [
+                i
+                for i in pulse.sink_input_list()
+                if i.proplist.get("qvaudio.test") == f"ch{channels}"
+            ]
+            assert list(ours.channel_list) == list(CHANNEL_POSITIONS[channels]), channels
 
 
 def test_unreachable_server_raises_pulse_error_with_text(tmp_path: object) -> None:

@@ -31,8 +31,14 @@ typedef struct pa_sample_spec {
     uint8_t channels;
 } pa_sample_spec;
 
-/* Opaque here: qvaudio always passes NULL (the default map for the count). */
-typedef struct pa_channel_map pa_channel_map;
+/* <pulse/channelmap.h>: PA_CHANNELS_MAX is 32; positions are an int enum,
+ * filled in by pa_channel_map_parse from names ("front-left,front-right"),
+ * so no position value is spelled out here. */
+typedef int pa_channel_position_t;
+typedef struct pa_channel_map {
+    uint8_t channels;
+    pa_channel_position_t map[32];
+} pa_channel_map;
 
 typedef struct pa_buffer_attr {
     uint32_t maxlength;
@@ -93,3 +99,5 @@ int pa_simple_flush(pa_simple *s, int *error);
 
 /* From libpulse.so.0. */
 const char *pa_strerror(int error);
+pa_channel_map *pa_channel_map_parse(pa_channel_map *map, const char *s);
+char *pa_channel_map_snprint(char *s, size_t l, const pa_channel_map *map);
