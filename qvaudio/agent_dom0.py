@@ -32,6 +32,7 @@ from typing import Any
 from qvaudio import __version__
 from qvaudio.config import ConfigError, Dom0Settings, load_config, parse_vsock_map
 from qvaudio.control import ControlServer, default_socket_path
+from qvaudio.cost import LogLimiter
 from qvaudio.dom0_discovery import (
     Discovery,
     Target,
@@ -55,7 +56,7 @@ from qvaudio.dom0_session import (
     StopPlayback,
     VmSession,
 )
-from qvaudio.log import setup_logging
+from qvaudio.log import raise_priority, setup_logging
 from qvaudio.notify import Notifier
 from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
 from qvaudio.policy_loader import default_policy_dir
@@ -70,7 +71,18 @@ log = logging.getLogger("qvaudio.dom0")
 
 #: More than this waiting for a guest that does not read means it is stalled.
 MAX_OUTBOX = 256 * 1024
-READ_CHUNK = 65536
+#: What one VM's turn in the loop reads at most: this much of its audio (or
+#: READ_MIN bytes before a format is agreed). A PCM frame carries at least
+#: 1 ms, so a turn decodes at most about 20 frames of one VM before every
+#: other VM, and the control socket, get theirs.
+READ_TURN_MS = 20
+READ_MIN = 4096
+#: The loop turns at most this often (every VM is serviced once a turn).
+MIN_TURN_S = 0.002
+#: New guest connections made in one turn at most.
+CONNECTS_PER_TURN = 4
+#: A turn that takes longer than this is logged (at debug level): it delayed every VM.
+SLOW_TURN_S = 0.010
 DISCOVERY_INTERVAL = 0.5
 
 
@@ -89,6 +101,8 @@ class VmLink:
     disconnect_code: GoodbyeCode | None = None
     #: False for qrexec calls: the guest dialled in, no discovery source owns it.
     discovered: bool = True
+    #: Its turn ended with data still waiting (not for lack of budget): come back soon.
+    more_to_read: bool = False
 
     @property
     def name(self) -> str:
@@ -99,13 +113,17 @@ class Dom0Agent:
     def __init__(self, settings: Dom0Settings, *, policy_dir: Path, control_path: Path) -> None:
         self.settings = settings
         self.server = settings.pulse_server or None
-        self.limits = Limits(host_buffer_ms=settings.playback_latency_ms)
+        self.limits = Limits(
+            host_buffer_ms=settings.playback_latency_ms,
+            jitter_start_ms=settings.playback_reserve_ms,
+        )
         self.selector = selectors.DefaultSelector()
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.links: dict[str, VmLink] = {}
         self.backoff: dict[str, Backoff] = {}
+        self.log_limiters: dict[str, LogLimiter] = {}
         self.mic_attached: set[str] = set()
         self._connect_warned: set[str] = set()
         self.stopping = False
@@ -123,6 +141,8 @@ class Dom0Agent:
         self._discovery_fds: dict[int, Discovery] = {}
         self._next_discovery = 0.0
         self._closing_host: list[HostPlayback | HostCapture] = []
+        #: Connections left for the next turn (CONNECTS_PER_TURN).
+        self._connects_pending = False
 
     @staticmethod
     def _make_discoveries(settings: Dom0Settings) -> list[Discovery]:
@@ -168,16 +188,33 @@ class Dom0Agent:
         watchdog = watchdog_interval()
         next_watchdog = 0.0
         try:
+            turn_began = 0.0
             while not self.stopping:
-                now = time.monotonic()
-                busy = any(link.outbox or self._throttled(link) for link in self.links.values())
-                for key, mask in self.selector.select(0.02 if busy else 0.1):
-                    self._dispatch(key, mask, time.monotonic())
+                # Turns at most every MIN_TURN_S: a guest that trickles tiny
+                # writes would otherwise buy a whole turn (every VM serviced)
+                # with each one.
+                rest = turn_began + MIN_TURN_S - time.monotonic()
+                if rest > 0:
+                    time.sleep(rest)
+                turn_began = time.monotonic()
+                links = self.links.values()
+                if self._connects_pending or any(link.more_to_read for link in links):
+                    timeout = 0.0  # work left over from the last turn: another turn now
+                elif any(link.outbox or self._throttled(link) for link in links):
+                    timeout = 0.02
+                else:
+                    timeout = 0.1
+                ready = self.selector.select(timeout)
+                work_began = time.monotonic()
+                for key, mask in ready:
+                    self._dispatch(key, mask, work_began)
                 now = time.monotonic()
                 self._drain_inbox(now)
                 if now >= self._next_discovery:
                     self._next_discovery = now + DISCOVERY_INTERVAL
                     self._discover(now)
+                elif self._connects_pending:
+                    self._reconcile_targets(now)
                 for link in list(self.links.values()):
                     with self._contained(link):
                         self._service(link, now)
@@ -187,6 +224,9 @@ class Dom0Agent:
                 if watchdog is not None and now >= next_watchdog:
                     sd_notify("WATCHDOG=1")
                     next_watchdog = now + watchdog
+                took = time.monotonic() - work_began
+                if took > SLOW_TURN_S:
+                    log.debug("a loop turn took %.1f ms (%d VMs)", took * 1000, len(self.links))
         finally:
             self._shutdown()
         return 0
@@ -208,12 +248,11 @@ class Dom0Agent:
             payload.refresh()
             self._reconcile_targets(now)
         elif kind == "vm":
+            # Serviced with every other VM after the dispatch, once a turn.
             link = self.links.get(payload)
-            if link is not None:
+            if link is not None and mask & selectors.EVENT_READ:
                 with self._contained(link):
-                    if mask & selectors.EVENT_READ:
-                        link.stream.handle_wakeup()
-                    self._service(link, now)
+                    link.stream.handle_wakeup()
 
     def _service_client(self, fd: int, now: float) -> None:
         alive = self.control.service(fd, now)
@@ -292,6 +331,11 @@ class Dom0Agent:
         for name in list(self.mic_attached):
             if name not in targets and name not in self.links:
                 self.mic_attached.discard(name)
+        # A few new connections a turn: many VMs appearing at once (a boot, or
+        # sockets made in a burst) must not make one long turn that every
+        # playing VM waits for; the rest are connected in the next turns.
+        budget = CONNECTS_PER_TURN
+        self._connects_pending = False
         for name, target in targets.items():
             if name in self.links:
                 continue
@@ -301,6 +345,10 @@ class Dom0Agent:
                 if not backoff.misbehaved:
                     backoff.next_attempt = 0.0  # re-published: try at once
             if now >= backoff.next_attempt:
+                if budget == 0:
+                    self._connects_pending = True
+                    break
+                budget -= 1
                 self._connect(target, backoff, now)
 
     def _accept_qrexec(self, now: float) -> None:
@@ -391,46 +439,61 @@ class Dom0Agent:
         session = link.session
         playback, capture = link.playback, link.capture
         fmt = session.playback_format
+        actions: list[Action] = []
         if playback is not None and fmt is not None:
             latency = playback.latency_us + fmt.duration_us(playback.queued_bytes)
             session.host_status(
                 playback.played_frames, latency, capture.latency_us if capture else 0
             )
             session.host_underruns(playback.underruns, now)
-        actions = session.tick(now)
+            if playback.take_opened():
+                session.host_playback_opened()
+            refusal = playback.take_refusal()
+            if refusal is not None:
+                actions += session.host_playback_failed(refusal, now)
+        if capture is not None:
+            refusal = capture.take_refusal()
+            if refusal is not None:
+                actions += session.host_capture_failed(refusal, now)
+        actions += session.tick(now)
         try:
             pending = link.stream.data_ready() > 0
         except StreamClosed:
             pending = False
-        host_ok = playback.consuming if playback is not None else True
-        actions += session.note_backlog(now, budget_exhausted and pending, host_ok)
+        link.more_to_read = pending and not budget_exhausted
+        actions += session.note_backlog(now, pending)
         self._execute(link, actions)
+        for level, message in self._log_limits(link.name).flush(now):
+            log.log(level, "%s: %s", link.name, message)
         if link.name in self.links:
             self._update_interest(link)
 
     def _read(self, link: VmLink, now: float) -> bool:
-        """Read what the session allows; True if it stopped for lack of budget."""
-        for _ in range(16):  # bounded, so one VM cannot starve the others
-            queued = link.playback.queued_bytes if link.playback else 0
-            budget = min(link.session.read_budget(now, queued), READ_CHUNK)
-            if budget <= 0:
-                return True
-            try:
-                data = link.stream.read(budget)
-            except StreamClosed:
-                self._execute(link, link.session.transport_lost("the guest closed the connection"))
-                self._drop(link, None)
-                return False
-            except TransportError as exc:
-                self._execute(link, link.session.transport_lost(f"transport error: {exc}"))
-                self._drop(link, None)
-                return False
-            if not data:
-                return False
+        """One turn's read, as much as the session allows; True if it allowed nothing.
+
+        One read per turn, of at most READ_TURN_MS of the VM's audio: a VM
+        with more waiting gets its next turn after every other VM has had
+        one (the loop comes straight back to it), so no VM's input delays
+        another's by more than a turn."""
+        queued = link.playback.queued_bytes if link.playback else 0
+        fmt = link.session.playback_format
+        turn = max(READ_MIN, fmt.bytes_for_ms(READ_TURN_MS) if fmt is not None else 0)
+        budget = min(link.session.read_budget(now, queued), turn)
+        if budget <= 0:
+            return True
+        try:
+            data = link.stream.read(budget)
+        except StreamClosed:
+            self._execute(link, link.session.transport_lost("the guest closed the connection"))
+            self._drop(link, None)
+            return False
+        except TransportError as exc:
+            self._execute(link, link.session.transport_lost(f"transport error: {exc}"))
+            self._drop(link, None)
+            return False
+        if data:
             self._execute(link, link.session.receive(data, now))
-            if link.name not in self.links:
-                return False
-        return True
+        return False
 
     def _flush(self, link: VmLink) -> None:
         if not link.outbox:
@@ -511,12 +574,25 @@ class Dom0Agent:
                     self._close_host(link.capture)
                     link.capture = None
                 case Log(level=level, message=message):
-                    log.log(level, "%s: %s", name, message)
+                    allowed, summaries = self._log_limits(name).allow(
+                        level, message, time.monotonic()
+                    )
+                    for held_level, held in summaries:
+                        log.log(held_level, "%s: %s", name, held)
+                    if allowed:
+                        log.log(level, "%s: %s", name, message)
                 case Notify(summary=summary, body=body):
                     self.notifier.notify(summary, body)
                 case Disconnect(code=code):
                     self._flush_once(link)
                     self._drop(link, code)
+
+    def _log_limits(self, name: str) -> LogLimiter:
+        """Per VM and kept across its sessions: reconnecting does not reset it."""
+        limiter = self.log_limiters.get(name)
+        if limiter is None:
+            limiter = self.log_limiters[name] = LogLimiter()
+        return limiter
 
     def _deliver_mic(self, name: str, chunk: bytes) -> None:
         link = self.links.get(name)
@@ -689,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    raise_priority("qvaudio.dom0")  # before any thread starts: they inherit it
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -724,6 +801,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     control_path = args.control_socket or (
         Path(settings.control_socket) if settings.control_socket else default_socket_path()
     )
+    # Host streams are written from threads of their own, which wait for the
+    # interpreter lock while the loop works; the default 5 ms a holder may keep
+    # it is a quarter of a VM's whole jitter reserve. 1 ms keeps one VM's work
+    # from delaying another's sound.
+    sys.setswitchinterval(0.001)
     agent = Dom0Agent(settings, policy_dir=policy_dir, control_path=control_path)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)

@@ -16,7 +16,7 @@ from typing import Any, Final
 from qvaudio.config import ConfigError, GuestSettings, default_config_path, load_config
 from qvaudio.formats import AudioFormat, FormatError
 from qvaudio.guest_loop import GuestAgent
-from qvaudio.log import setup_logging
+from qvaudio.log import raise_priority, setup_logging
 from qvaudio.transport import parse_address
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ def settings_from(args: argparse.Namespace, base: GuestSettings) -> GuestSetting
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    raise_priority("qvaudio.guest")  # before any thread starts: they inherit it
     try:
         config = load_config(args.config)
     except ConfigError as exc:

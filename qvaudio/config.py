@@ -70,6 +70,9 @@ class Dom0Settings:
     control_socket: str = ""
     #: Target latency of each VM's stream on the host server.
     playback_latency_ms: int = 30
+    #: Audio dom0 holds for each VM before its host stream (re)starts: the
+    #: least jitter reserve. It grows by 10 ms after each gap, up to 100 ms.
+    playback_reserve_ms: int = 10
     capture_period_ms: int = 10
     pulse_server: str = ""
     notifications: bool = True
@@ -256,6 +259,7 @@ _DOM0_FIELDS: dict[str, Callable[[yaml.Node], Any]] = {
     "policy_dir": _string,
     "control_socket": _string,
     "playback_latency_ms": _int_in(5, 1000),
+    "playback_reserve_ms": _int_in(0, 100),
     "capture_period_ms": _int_in(2, 100),
     "pulse_server": _string,
     "notifications": _bool,

@@ -39,6 +39,15 @@ FULL_VOLUME = 1.0
 PAUSE_S = 0.5
 #: Slack for the client library's interpolated latency before calling it dry.
 DRY_MARGIN_S = 0.002
+#: Audio shorter than this is joined to the chunk queued before it: the host
+#: stream gets few, larger writes whatever size of frames a guest sends.
+COALESCE_MS = 10
+#: PA_ERR_* codes that mean the server is there and will not open this stream
+#: (access, invalid argument, no such entity, too large, not supported, not
+#: implemented): retrying at once would fail the same way, so the VM's session
+#: decides when to try again. Anything else (connection refused, server gone)
+#: is a server restarting, retried here within half a second.
+REFUSED_CODES = frozenset({1, 3, 5, 18, 19, 23})
 
 
 def stream_properties(vm_name: str, label: str | None, kind: str) -> dict[str, str]:
@@ -54,14 +63,35 @@ def stream_properties(vm_name: str, label: str | None, kind: str) -> dict[str, s
 
 
 class _HostThread:
-    """What both host streams share: a daemon thread that `stop` ends without waiting."""
+    """What both host streams share: a daemon thread that `stop` ends without
+    waiting, and what it reports to the agent's loop (polled, one-shot)."""
 
     vm_name: str
     _kind: str
     _thread: threading.Thread
+    _refusal: str | None = None
+    _opened: bool = False
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def take_refusal(self) -> str | None:
+        """Why the host server refused the stream (the thread has ended), once."""
+        refusal, self._refusal = self._refusal, None
+        return refusal
+
+    def take_opened(self) -> bool:
+        """Whether the stream opened since last asked."""
+        opened, self._opened = self._opened, False
+        return opened
+
+    def _refused(self, exc: PulseError) -> bool:
+        """Report a refusal for the session to handle; True if `exc` was one."""
+        if exc.code not in REFUSED_CODES:
+            return False
+        log.debug("%s: host %s stream refused: %s", self.vm_name, self._kind, exc)
+        self._refusal = exc.message
+        return True
 
     @property
     def alive(self) -> bool:
@@ -95,6 +125,7 @@ class HostPlayback(_HostThread):
         self.format = fmt
         self._server = server
         self._tlength = fmt.bytes_for_ms(latency_ms)
+        self._coalesce = fmt.bytes_for_ms(COALESCE_MS)
         self._initial_volume = initial_volume
         self._props = stream_properties(vm_name, label, "playback")
         self._pulse_connect = pulse_connect
@@ -102,6 +133,8 @@ class HostPlayback(_HostThread):
         self._queued = 0
         self._cond = threading.Condition()
         self._stop = False
+        #: Set with _stop: what a retry waits on, so that queued audio never wakes it.
+        self._stopped = threading.Event()
         self._stream: PcmStream | None = None
         self.played_bytes = 0
         self.latency_us = 0
@@ -157,7 +190,10 @@ class HostPlayback(_HostThread):
         with self._cond:
             self._after_idle = self._after_idle or after_idle
             self.hold = hold
-            self._queue.append(pcm)
+            if self._queue and len(self._queue[-1]) < self._coalesce:
+                self._queue[-1] += pcm
+            else:
+                self._queue.append(pcm)
             self._queued += len(pcm)
             while self._queued > limit and len(self._queue) > 1:
                 self._drop_oldest()
@@ -180,6 +216,7 @@ class HostPlayback(_HostThread):
         """Stop without waiting: the agent's loop must never block on the host server."""
         with self._cond:
             self._stop = True
+            self._stopped.set()
             self._queue.clear()
             self._queued = 0
             self._cond.notify()
@@ -200,16 +237,19 @@ class HostPlayback(_HostThread):
                     props=self._props,
                 )
             except PulseError as exc:
+                self._discard_while_down()
+                if self._refused(exc):
+                    return
                 self.open_failures += 1
                 if self.open_failures in (1, 10) or self.open_failures % 100 == 0:
                     log.warning("%s: cannot open host stream: %s (retrying)", self.vm_name, exc)
-                self._discard_while_down()
-                self._sleep(delay)
+                self._stopped.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             if self.open_failures:
                 log.info("%s: host stream open again", self.vm_name)
             self.open_failures = 0
+            self._opened = True
             delay = 0.1
             self._apply_initial_volume()
             try:
@@ -289,11 +329,6 @@ class HostPlayback(_HostThread):
             self._queue.clear()
             self._queued = 0
 
-    def _sleep(self, seconds: float) -> None:
-        with self._cond:
-            if not self._stop:
-                self._cond.wait(timeout=seconds)
-
     def _apply_initial_volume(self) -> None:
         """Start at the policy's default volume unless the mixer restored one.
 
@@ -344,6 +379,7 @@ class HostCapture(_HostThread):
 
     def _run(self) -> None:
         delay = 0.1
+        failures = 0
         while not self._stop.is_set():
             try:
                 stream = PcmStream.record(
@@ -356,10 +392,18 @@ class HostCapture(_HostThread):
                     props=self._props,
                 )
             except PulseError as exc:
-                log.warning("%s: cannot open the microphone: %s (retrying)", self.vm_name, exc)
+                if self._refused(exc):
+                    return
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("%s: cannot open the microphone: %s (retrying)", self.vm_name, exc)
                 self._stop.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
+            if failures:
+                log.info("%s: microphone stream open again", self.vm_name)
+            failures = 0
+            self._opened = True
             delay = 0.1
             try:
                 while not self._stop.is_set():
