@@ -58,8 +58,10 @@ class PrivatePulse:
         )
         log = (self.base / "daemon.log").open("wb")
         self.proc = subprocess.Popen(
+            # --disable-shm: PulseAudio 16's shared-memory import can abort the
+            # daemon when a client leaves mid-stream; copying costs nothing here.
             [binary, "-n", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit",
-             "--use-pid-file=no", "--log-target=stderr", "-F", str(script)],
+             "--use-pid-file=no", "--log-target=stderr", "--disable-shm=yes", "-F", str(script)],
             env=self.full_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log.close()

@@ -28,6 +28,8 @@ from pathlib import Path
 import pulsectl
 import pytest
 
+from tests.waiting import WaitTimeout, wait_until
+
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 6000
@@ -107,21 +109,33 @@ class AudioServer:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
         last_error = "never tried"
-        while time.monotonic() < deadline:
+        ready = False
+
+        def up_or_exited() -> bool:
+            """True once the server answers (`ready`) or its process has exited."""
+            nonlocal last_error, ready
             if self.proc is not None and self.proc.poll() is not None:
                 last_error = f"daemon exited with status {self.proc.returncode}"
-                break
+                return True
             if self.socket.exists():
                 try:
                     with pulsectl.Pulse(f"qvaudio-test-probe-{self.name}", server=self.server) as p:
                         p.server_info()
                         self._after_ready(p, first=self.starts == 1)
-                    return
+                    ready = True
+                    return True
                 except pulsectl.PulseError as exc:
                     last_error = repr(exc)
-            time.sleep(0.05)
+            return False
+
+        # On a timeout, fail as below: with the daemon's log, and the daemon killed.
+        with contextlib.suppress(WaitTimeout):
+            wait_until(
+                up_or_exited, f"{self.kind} server {self.name!r}", START_TIMEOUT_S, interval=0.05
+            )
+        if ready:
+            return
         log = self.log_text()
         self.kill()
         pytest.fail(
@@ -198,6 +212,10 @@ class PulseAudioServer(AudioServer):
             "--disallow-exit",
             "--use-pid-file=no",
             "--log-target=stderr",
+            # Every block copied over the socket, none shared: PulseAudio 16's
+            # shared-memory import (memblock.c) aborted the daemon once here
+            # when a client left while the sink still held its blocks.
+            "--disable-shm=yes",
             "-F",
             str(script),
         ]
@@ -231,11 +249,15 @@ class PipeWireServer(AudioServer):
         # pipewire-pulse listens on $PULSE_RUNTIME_PATH/native; a symlink puts
         # it where every AudioServer's socket is.
         real = self.runtime_dir / "pulse" / "native"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and not real.exists():
-            if self.proc is not None and self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
+
+        def listening_or_exited() -> bool:
+            return real.exists() or (self.proc is not None and self.proc.poll() is not None)
+
+        # Not there in time: the wait below fails with the daemons' logs.
+        with contextlib.suppress(WaitTimeout):
+            wait_until(
+                listening_or_exited, "pipewire-pulse's socket", START_TIMEOUT_S, interval=0.05
+            )
         if real.exists() and not self.socket.exists():
             self.socket.symlink_to(real)
         super()._wait_ready()
@@ -245,20 +267,25 @@ class PipeWireServer(AudioServer):
             pulse.module_load(
                 "module-null-sink", f"sink_name={NULL_SINK} rate=48000 channels=2 format=s16le"
             )
+
         # The default moves only once wireplumber is up: wait for it. After a
         # restart wireplumber restores the remembered default by itself, and
         # setting ours again and again would fight a running guest agent that
         # is making its own device the default, as a real session would not.
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
+        def default_chosen() -> bool:
             if first:
                 with contextlib.suppress(pulsectl.PulseOperationFailed):
                     pulse.sink_default_set(NULL_SINK)
             default = pulse.server_info().default_sink_name
-            if default == NULL_SINK or (not first and _names_a_sink(pulse, default)):
-                return
-            time.sleep(0.1)
-        raise pulsectl.PulseError("no default sink was chosen (wireplumber not running?)")
+            return default == NULL_SINK or (not first and _names_a_sink(pulse, default))
+
+        try:
+            wait_until(default_chosen, "a default sink", START_TIMEOUT_S, interval=0.1)
+        except WaitTimeout:
+            # A PulseError: _wait_ready records it and tries again until its own deadline.
+            raise pulsectl.PulseError(
+                "no default sink was chosen (wireplumber not running?)"
+            ) from None
 
     def _log_files(self) -> list[Path]:
         return [
