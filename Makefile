@@ -27,7 +27,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check qvaudio tests bench
 
 typecheck: venv
-	$(VENV)/bin/mypy qvaudio
+	$(VENV)/bin/mypy qvaudio tests bench
 
 unit: venv
 	$(VENV)/bin/pytest

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ def run_qvaudio(base: Path, steps: list[int], seconds: float) -> dict[str, Any]:
                     raise RuntimeError(f"dom0 did not connect to {guest.path.name}")
                 guest.offer(FMT)
                 guest.wait_for(lambda e: isinstance(e, FormatAccept), timeout=10)
-                pacer.add(lambda tick, g=guest: g.send_raw(frames[tick]))
+                pacer.add(partial(_send_period, guest, frames))
             time.sleep(SETTLE_S)
             rows.append(_step(n, pids, seconds, control))
         return {"steps": rows, "pacer_late_ticks": pacer.late}
@@ -221,7 +222,7 @@ def run_pacat(base: Path, steps: list[int], seconds: float) -> dict[str, Any]:
                 # One page of pipe (~21 ms), so a stall cannot park seconds of
                 # audio in the pipe as latency for the rest of the run.
                 fcntl.fcntl(fd, F_SETPIPE_SZ, 4096)
-                pacer.add(lambda tick, fd=fd: _write_all(fd, periods[tick]))
+                pacer.add(partial(_write_period, fd, periods))
             time.sleep(SETTLE_S)
             pids = [p.pid for p in procs]
             load = load_average()
@@ -245,6 +246,14 @@ def run_pacat(base: Path, steps: list[int], seconds: float) -> dict[str, Any]:
                     proc.stdin.close()
             stop_process(proc)
         host.stop()
+
+
+def _send_period(guest: FakeGuest, frames: list[bytes], tick: int) -> None:
+    guest.send_raw(frames[tick])
+
+
+def _write_period(fd: int, periods: list[bytes], tick: int) -> None:
+    _write_all(fd, periods[tick])
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from qvaudio.connection import Connection
 from qvaudio.formats import AudioFormat
@@ -31,15 +32,19 @@ from qvaudio.protocol import (
     StreamKind,
     StreamStatus,
 )
+from tests.waiting import wait_until
 
 POSITION_EVERY_S = 0.5
 CONNECT_TIMEOUT_S = 15.0
 
+#: One kind of protocol event (`events_of(Cork)` holds Corks).
+E = TypeVar("E", bound=Event)
+
 
 @dataclass(frozen=True, slots=True)
-class Arrival:
+class Arrival(Generic[E]):
     time: float
-    event: Event
+    event: E
 
 
 class Dom0Peer:
@@ -47,7 +52,7 @@ class Dom0Peer:
         self.conn = Connection(Role.DOM0)
         self.sock = self._connect(socket_path)
         self.lock = threading.Lock()
-        self.events: list[Arrival] = []
+        self.events: list[Arrival[Event]] = []
         self.pcm = bytearray()
         #: (arrival time, offset in `pcm` of the chunk's first byte, chunk length)
         self.chunks: list[tuple[float, int, int]] = []
@@ -66,17 +71,26 @@ class Dom0Peer:
 
     @staticmethod
     def _connect(path: str) -> socket.socket:
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while True:
+        last_error: OSError | None = None
+
+        def attempt() -> socket.socket | None:
+            nonlocal last_error
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(path)
                 return sock
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                last_error = exc
+                return None
+
+        return wait_until(
+            attempt,
+            f"the agent to accept a connection on {path}",
+            CONNECT_TIMEOUT_S,
+            interval=0.05,
+            context=lambda: f"last error: {last_error!r}",
+        )
 
     # -- sending ---------------------------------------------------------------------
 
@@ -126,12 +140,12 @@ class Dom0Peer:
 
     def _handle(self, event: Event, now: float) -> None:
         if isinstance(event, FormatOffer):
-            fmt = event.formats[0]
+            offered = event.formats[0]
             if event.stream is StreamKind.PLAYBACK:
-                self.playback_format = fmt
+                self.playback_format = offered
             else:
-                self.capture_format = fmt
-            self._send(FormatAccept(event.stream, fmt))
+                self.capture_format = offered
+            self._send(FormatAccept(event.stream, offered))
         if isinstance(event, PlaybackData):
             fmt = self.playback_format
             assert fmt is not None
@@ -158,9 +172,9 @@ class Dom0Peer:
 
     # -- queries ---------------------------------------------------------------------
 
-    def events_of(self, kind: type) -> list[Arrival]:
+    def events_of(self, kind: type[E]) -> list[Arrival[E]]:
         with self.lock:
-            return [a for a in self.events if isinstance(a.event, kind)]
+            return [Arrival(a.time, a.event) for a in self.events if isinstance(a.event, kind)]
 
     def pcm_since(self, offset: int) -> bytes:
         with self.lock:

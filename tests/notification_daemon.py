@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,6 +16,8 @@ import pytest
 from jeepney import HeaderFields, MessageType, new_method_return
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
+
+from tests.waiting import wait_until
 
 NAME = "org.freedesktop.Notifications"
 
@@ -28,13 +29,17 @@ class NotificationDaemon:
     next_id: int = 1
 
     def wait_for(self, fragment: str, timeout: float = 5.0) -> tuple[str, str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for note in list(self.received):
-                if fragment in note[1]:
-                    return note
-            time.sleep(0.02)
-        raise AssertionError(f"no notification with {fragment!r}; got {self.received}")
+        """The first notification whose summary contains `fragment`."""
+
+        def note() -> tuple[str, str, str] | None:
+            return next((n for n in list(self.received) if fragment in n[1]), None)
+
+        return wait_until(
+            note,
+            f"a notification with {fragment!r}",
+            timeout,
+            context=lambda: f"got {self.received}",
+        )
 
 
 def _serve(daemon: NotificationDaemon, ready: threading.Event, stop: threading.Event) -> None:

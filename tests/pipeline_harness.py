@@ -22,6 +22,7 @@ from qvaudio.pulse_pcm import PcmStream, PulseError
 from qvaudio.tone import generate_sine
 from tests.audio_daemons import NULL_SINK, PulseAudioServer
 from tests.dom0_harness import S16, Dom0
+from tests.waiting import wait_until
 
 #: A stretch of sound this long means audio flows (not a stray buffer).
 FLOWING_S = 0.3
@@ -67,13 +68,13 @@ class HostListener:
 
     def wait_flowing(self, since: float, what: str, timeout: float = 10.0) -> float:
         """Seconds from `since` until sound flows; fails after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            start = self.sound_since(since)
-            if start is not None:
-                return start - since
-            time.sleep(0.05)
-        raise AssertionError(f"no sound on dom0's sink within {timeout} s after {what}")
+        start = wait_until(
+            lambda: self.sound_since(since),
+            f"sound on dom0's sink after {what}",
+            timeout,
+            interval=0.05,
+        )
+        return start - since
 
     def close(self) -> None:
         self._stop.set()
@@ -164,18 +165,16 @@ class Pipeline:
         """The guest's devices exist and dom0 serves the VM."""
         import pulsectl
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def up() -> bool:
             try:
                 with pulsectl.Pulse("test", server=self.vm.server) as pulse:
                     has_mic = any(s.name == "qvaudio_mic" for s in pulse.source_list())
                 vm = self.dom0.status()["vms"].get("vm1", {})
-                if has_mic and vm.get("state") == "open":
-                    return
+                return has_mic and vm.get("state") == "open"
             except (pulsectl.PulseError, OSError):
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"the pipeline did not come up\n{self.logs()}")
+                return False
+
+        wait_until(up, "the pipeline to come up", timeout, interval=0.1, context=self.logs)
 
     def logs(self) -> str:
         return (

@@ -41,14 +41,14 @@ from tests.dom0_harness import (
     start_null_sink_clock_once_dom0_plays,
     write_policy,
 )
+from tests.waiting import wait_until
 
 
 def test_allowed_vm_plays_as_its_own_named_stream(dom0: Dom0) -> None:
     work = dom0.guest("work")
     work.offer(S16)
-    assert work.wait_for(lambda e: isinstance(e, FormatAccept)) == FormatAccept(
-        work.received(FormatAccept)[0][1].stream,
-        S16,  # type: ignore[attr-defined]
+    assert work.wait_for_event(FormatAccept) == FormatAccept(
+        work.received(FormatAccept)[0][1].stream, S16
     )
     recorder, recorded = record_host(dom0.host, 3.0)
     time.sleep(0.3)
@@ -67,7 +67,7 @@ def test_allowed_vm_plays_as_its_own_named_stream(dom0: Dom0) -> None:
 def test_volume_cap_is_measured_on_the_host(dom0: Dom0) -> None:
     quiet = dom0.guest("quiet")
     quiet.offer(S16)
-    quiet.wait_for(lambda e: isinstance(e, FormatAccept))
+    quiet.wait_for_event(FormatAccept)
     recorder, recorded = record_host(dom0.host, 2.5)
     time.sleep(0.3)
     quiet.stream_pcm(generate_sine(440, S16, 1.5, amplitude=0.8), S16).join()
@@ -81,9 +81,9 @@ def test_volume_cap_is_measured_on_the_host(dom0: Dom0) -> None:
 def test_denied_vm_is_refused_and_silent_while_others_play(dom0: Dom0) -> None:
     blocked = dom0.guest("blocked")
     blocked.offer(S16)
-    refusal = blocked.wait_for(lambda e: isinstance(e, FormatRefuse))
-    assert "playback deny by" in refusal.reason  # type: ignore[attr-defined]
-    assert "50-test.yaml:" in refusal.reason  # type: ignore[attr-defined]
+    refusal = blocked.wait_for_event(FormatRefuse)
+    assert "playback deny by" in refusal.reason
+    assert "50-test.yaml:" in refusal.reason
     assert not [si for si in sink_inputs(dom0.host) if si.proplist.get("qvaudio.vm") == "blocked"]
     status = dom0.status()["vms"]["blocked"]
     assert status["playback"]["decision"] == "deny"
@@ -92,7 +92,7 @@ def test_denied_vm_is_refused_and_silent_while_others_play(dom0: Dom0) -> None:
 def test_live_policy_edit_stops_playback_and_invalid_edit_keeps_last_good(dom0: Dom0) -> None:
     work = dom0.guest("work")
     work.offer(S16)
-    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    work.wait_for_event(FormatAccept)
     write_policy(dom0.policy_dir, "rules:\n  - vm: work\n    playback: [not, valid]\n")
     time.sleep(0.5)
     status = dom0.status()
@@ -105,12 +105,13 @@ def test_live_policy_edit_stops_playback_and_invalid_edit_keeps_last_good(dom0: 
             "    playback: allow\n    capture: attach", "    playback: deny\n    capture: attach", 1
         ),
     )
-    stopped = work.wait_for(lambda e: isinstance(e, PlaybackState))
-    assert stopped.status is StreamStatus.DENIED  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 3
-    while [si for si in sink_inputs(dom0.host) if si.proplist.get("qvaudio.vm") == "work"]:
-        assert time.monotonic() < deadline, "work's host stream was not removed"
-        time.sleep(0.05)
+    stopped = work.wait_for_event(PlaybackState)
+    assert stopped.status is StreamStatus.DENIED
+
+    def work_stream_gone() -> bool:
+        return not [si for si in sink_inputs(dom0.host) if si.proplist.get("qvaudio.vm") == "work"]
+
+    wait_until(work_stream_gone, "work's host stream to be removed", 3, interval=0.05)
 
 
 def test_microphone_needs_policy_and_request_and_detach_revokes(dom0: Dom0) -> None:
@@ -118,26 +119,26 @@ def test_microphone_needs_policy_and_request_and_detach_revokes(dom0: Dom0) -> N
         pulse.source_default_set(f"{NULL_SINK}.monitor")
     work = dom0.guest("work")
     work.offer(S16, capture=MONO)
-    work.wait_for(lambda e: isinstance(e, FormatAccept) and e.stream.name == "CAPTURE")
+    work.wait_for_event(FormatAccept, lambda e: e.stream.name == "CAPTURE")
     work.send(CaptureRequest(True))
-    refused = work.wait_for(lambda e: isinstance(e, CaptureState))
-    assert refused.status is StreamStatus.DENIED  # type: ignore[attr-defined]
-    assert "qvaudio mic attach work" in refused.reason  # type: ignore[attr-defined]
+    refused = work.wait_for_event(CaptureState)
+    assert refused.status is StreamStatus.DENIED
+    assert "qvaudio mic attach work" in refused.reason
     assert not record_streams(dom0.host, "work"), "no host record stream before permission"
 
     player = play_into_host(dom0.host, 3.0)
     reply = request(dom0.control, {"cmd": "mic", "action": "attach", "vm": "work"})
     assert reply["ok"], reply
-    work.wait_for(lambda e: isinstance(e, CaptureState) and e.status is StreamStatus.RUNNING)
-    work.wait_for(lambda e: isinstance(e, CaptureData), timeout=5)
+    work.wait_for_event(CaptureState, lambda e: e.status is StreamStatus.RUNNING)
+    work.wait_for_event(CaptureData, timeout=5)
     time.sleep(1.0)
     assert record_streams(dom0.host, "work")
     mark = work.mark()
     before = time.monotonic()
     reply = request(dom0.control, {"cmd": "mic", "action": "detach", "vm": "work"})
     assert reply["ok"] and not reply["attached"]
-    revoked = work.wait_for(
-        lambda e: isinstance(e, CaptureState) and e.status is StreamStatus.DENIED, after=mark
+    revoked = work.wait_for_event(
+        CaptureState, lambda e: e.status is StreamStatus.DENIED, after=mark
     )
     revoked_at = next(t for t, e in work.events if e is revoked)
     assert revoked_at - before < 0.1, f"revocation took {revoked_at - before:.3f} s"
@@ -147,10 +148,12 @@ def test_microphone_needs_policy_and_request_and_detach_revokes(dom0: Dom0) -> N
     player.join()
     samples = decode_mono(work.capture_pcm(), MONO)
     assert abs(pitch(samples) - 1000) / 1000 < 0.005
-    deadline = time.monotonic() + 2
-    while record_streams(dom0.host, "work"):
-        assert time.monotonic() < deadline, "the host record stream outlived revocation"
-        time.sleep(0.05)
+    wait_until(
+        lambda: not record_streams(dom0.host, "work"),
+        "the host record stream to end after revocation",
+        2,
+        interval=0.05,
+    )
 
 
 def test_mic_attach_refused_when_policy_does_not_say_attach_on_request(dom0: Dom0) -> None:
@@ -168,15 +171,15 @@ def test_mic_attach_refused_when_policy_does_not_say_attach_on_request(dom0: Dom
 def test_hostile_guest_is_cut_off_alone(dom0: Dom0) -> None:
     work = dom0.guest("work")
     work.offer(S16)
-    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    work.wait_for_event(FormatAccept)
     recorder, recorded = record_host(dom0.host, 3.0)
     time.sleep(0.3)
     player = work.stream_pcm(generate_sine(440, S16, 2.0, amplitude=0.5), S16)
     evil = dom0.guest("evil")
     evil.send_raw(b"\x20\x00\xff\xff" + b"\0" * 100)  # oversized PCM before any format
-    goodbye = evil.wait_for(lambda e: isinstance(e, Goodbye))
-    assert goodbye.code.name == "PROTOCOL_ERROR"  # type: ignore[attr-defined]
-    assert "exceeds 65532" in goodbye.reason  # type: ignore[attr-defined]
+    goodbye = evil.wait_for_event(Goodbye)
+    assert goodbye.code.name == "PROTOCOL_ERROR"
+    assert "exceeds 65532" in goodbye.reason
     assert evil.closed_by_peer.wait(2)
     player.join()
     recorder.join()
@@ -189,7 +192,7 @@ def test_hostile_guest_is_cut_off_alone(dom0: Dom0) -> None:
 def test_status_command_lists_vms(dom0: Dom0) -> None:
     work = dom0.guest("work")
     work.offer(S16)
-    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    work.wait_for_event(FormatAccept)
     out = subprocess.run(
         [sys.executable, "-m", "qvaudio.cli", "--control-socket", str(dom0.control),
          "status", "--json"],
@@ -214,7 +217,7 @@ def test_guest_restart_reconnects(dom0: Dom0) -> None:
     work.close()
     again = dom0.guest("work")
     again.offer(S16)
-    again.wait_for(lambda e: isinstance(e, FormatAccept))
+    again.wait_for_event(FormatAccept)
     assert dom0.status()["vms"]["work"]["state"] == "open"
 
 
@@ -232,7 +235,7 @@ def test_underruns_are_counted_only_while_playing(dom0: Dom0) -> None:
 
     work = dom0.guest("work")
     work.offer(S16)
-    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    work.wait_for_event(FormatAccept)
     sending = threading.Thread(target=burst, args=(1.0,))
     sending.start()
     start_null_sink_clock_once_dom0_plays(dom0.host)  # so the host plays at once

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypeVar
 
 from qvaudio.connection import Connection
 from qvaudio.protocol import (
@@ -26,6 +27,9 @@ from qvaudio.protocol import (
     StreamKind,
 )
 from tests.dom0_harness import S16, Dom0
+from tests.waiting import wait_until
+
+E = TypeVar("E", bound=Event)
 
 
 class QrexecCall:
@@ -48,13 +52,14 @@ class QrexecCall:
     def send(self, *events: Event) -> None:
         self.vm_end.sendall(b"".join(self.conn.send(e) for e in events))
 
-    def wait_for(self, kind: type) -> Event:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            for event in self.conn.receive_data(self.vm_end.recv(65536)):
-                if isinstance(event, kind):
-                    return event
-        raise AssertionError(f"no {kind.__name__} from dom0")
+    def wait_for_event(self, kind: type[E]) -> E:
+        """Read what dom0 sends until a `kind` event comes (events before it are dropped)."""
+
+        def next_of_kind() -> E | None:
+            received = self.conn.receive_data(self.vm_end.recv(65536))
+            return next((e for e in received if isinstance(e, kind)), None)
+
+        return wait_until(next_of_kind, f"a {kind.__name__} from dom0", 5)
 
     def close(self) -> None:
         self.vm_end.close()
@@ -65,19 +70,22 @@ def test_qrexec_identity_decides_the_policy(dom0: Dom0, tmp_path: Path) -> None:
     assert dom0.proc is not None
     dom0.stop()
     dom0.start("qrexec")
-    deadline = time.monotonic() + 5
-    while not (dom0.base / "qrexec.sock").exists():
-        assert time.monotonic() < deadline, dom0.log_text()
-        time.sleep(0.05)
+    wait_until(
+        (dom0.base / "qrexec.sock").exists,
+        "dom0's qrexec socket",
+        5,
+        interval=0.05,
+        context=dom0.log_text,
+    )
     # The test policy: 'quiet' is capped at 50 %, 'blocked' may not play.
     blocked = QrexecCall(dom0, "blocked")
     # Whatever the VM says of itself (free text is all it has) changes nothing.
     blocked.send(Hello(), FormatOffer(StreamKind.PLAYBACK, (S16,)))
-    refusal = blocked.wait_for(FormatRefuse)
-    assert "playback deny by" in refusal.reason  # type: ignore[attr-defined]
+    refusal = blocked.wait_for_event(FormatRefuse)
+    assert "playback deny by" in refusal.reason
     quiet = QrexecCall(dom0, "quiet")
     quiet.send(Hello(), FormatOffer(StreamKind.PLAYBACK, (S16,)))
-    quiet.wait_for(FormatAccept)
+    quiet.wait_for_event(FormatAccept)
     vms = dom0.status()["vms"]
     assert vms["blocked"]["origin"] == "qrexec call"
     assert vms["blocked"]["playback"]["decision"] == "deny"

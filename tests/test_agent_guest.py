@@ -27,6 +27,7 @@ from qvaudio.formats import AudioFormat, SampleFormat
 from qvaudio.protocol import CaptureRequest, Cork, Goodbye, StreamStatus
 from tests.audio_daemons import NULL_SINK, AudioServer
 from tests.guest_peer import Dom0Peer
+from tests.waiting import wait_until
 
 SINK = "qvaudio_out"
 MIC = "qvaudio_mic"
@@ -40,12 +41,10 @@ _current_log: list[Callable[[], str]] = []
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            logs = "\n".join(show() for show in _current_log)
-            pytest.fail(f"timed out waiting for {what}; agent log:\n{logs}", pytrace=False)
-        time.sleep(0.05)
+    def agent_log() -> str:
+        return "agent log:\n" + "\n".join(show() for show in _current_log)
+
+    wait_until(check, what, timeout, interval=0.05, context=agent_log)
 
 
 class Agent:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from typing import Any
 
 import pulsectl
 
@@ -24,6 +25,7 @@ from qvaudio.tone import (
 )
 from tests.dom0_harness import S16, Dom0, pitch, write_policy
 from tests.fake_guest import FakeGuest
+from tests.waiting import wait_until
 
 # name: (frequency, policy lines, expected cap or None when denied)
 VMS: dict[str, tuple[int, str, float | None]] = {
@@ -71,17 +73,27 @@ def test_eight_vms_mixed_policies(dom0: Dom0) -> None:
     for guest in guests.values():
         guest.offer(S16)
     for name, (_, _, cap) in VMS.items():
-        expected = FormatAccept if cap is not None else FormatRefuse
-        guests[name].wait_for(lambda e, kind=expected: isinstance(e, kind))  # type: ignore[misc]
+        expected: type[FormatAccept | FormatRefuse] = (
+            FormatAccept if cap is not None else FormatRefuse
+        )
+        guests[name].wait_for_event(expected)
 
     allowed = {name for name, (_, _, cap) in VMS.items() if cap is not None}
-    deadline = time.monotonic() + 10
-    while True:  # host streams open in their own threads
+    inputs: dict[str | None, Any] = {}
+
+    def one_stream_per_allowed_vm() -> bool:
+        nonlocal inputs
         with pulsectl.Pulse("test", server=dom0.host.server) as pulse:
             inputs = {si.proplist.get("qvaudio.vm"): si for si in pulse.sink_input_list()}
-        if set(inputs) - {None} == allowed or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        return set(inputs) - {None} == allowed
+
+    wait_until(  # host streams open in their own threads
+        one_stream_per_allowed_vm,
+        f"one named stream per allowed VM ({sorted(allowed)}), none for denied",
+        10,
+        interval=0.1,
+        context=lambda: f"named streams: {sorted(str(vm) for vm in set(inputs) - {None})}",
+    )
     assert set(inputs) - {None} == allowed, "one named stream per allowed VM, none for denied"
     for name in allowed:
         assert inputs[name].proplist.get("application.name") == name

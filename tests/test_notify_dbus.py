@@ -41,20 +41,18 @@ def test_dom0_notifies_refusal_start_and_stop(
     assert dom0.proc is not None
     work = dom0.guest("work")
     work.offer(S16, capture=MONO)
-    work.wait_for(lambda e: isinstance(e, FormatAccept) and e.stream.name == "CAPTURE")
+    work.wait_for_event(FormatAccept, lambda e: e.stream.name == "CAPTURE")
     work.send(CaptureRequest(True))
-    work.wait_for(lambda e: isinstance(e, CaptureState))
+    work.wait_for_event(CaptureState)
     summary, body = notification_daemon.wait_for("was refused the microphone")[1:]
     assert summary == "work was refused the microphone"
     assert "qvaudio mic attach work" in body
     assert request(dom0.control, {"cmd": "mic", "action": "attach", "vm": "work"})["ok"]
-    work.wait_for(lambda e: isinstance(e, CaptureState) and e.status is StreamStatus.RUNNING)
+    work.wait_for_event(CaptureState, lambda e: e.status is StreamStatus.RUNNING)
     notification_daemon.wait_for("work is recording from the microphone")
     mark = work.mark()
     work.send(CaptureRequest(False))
-    work.wait_for(
-        lambda e: isinstance(e, CaptureState) and e.status is StreamStatus.STOPPED, after=mark
-    )
+    work.wait_for_event(CaptureState, lambda e: e.status is StreamStatus.STOPPED, after=mark)
     notification_daemon.wait_for("work stopped recording")
     time.sleep(0.2)
     assert len(notification_daemon.received) == 3

@@ -29,6 +29,7 @@ from qvaudio.tone import (
 from tests.audio_daemons import NULL_SINK
 from tests.dom0_harness import S16, pitch, record_monitor, write_policy
 from tests.pipeline_harness import Pipeline
+from tests.waiting import wait_until
 
 MONO = AudioFormat(48000, SampleFormat.S16LE, 1)
 
@@ -39,12 +40,14 @@ def record_host(pipe: Pipeline, seconds: float) -> tuple[threading.Thread, list[
 
 def test_tone_from_a_vm_application_reaches_dom0_intact(idle_pipeline: Pipeline) -> None:
     pipe = idle_pipeline
-    deadline = time.monotonic() + 15
-    while "vm1" not in pipe.dom0.status()["vms"] or not pipe.dom0.status()["vms"]["vm1"].get(
-        "playback", {}
-    ).get("active"):
-        assert time.monotonic() < deadline, pipe.logs()
-        time.sleep(0.1)
+
+    def vm1_playback_active() -> bool:
+        vms = pipe.dom0.status()["vms"]
+        return "vm1" in vms and bool(vms["vm1"].get("playback", {}).get("active"))
+
+    wait_until(
+        vm1_playback_active, "vm1's playback to be active", 15, interval=0.1, context=pipe.logs
+    )
     recorder, recorded = record_host(pipe, 5.5)
     time.sleep(1.5)  # a new record stream on a null sink's monitor settles first
     tone = pipe.base / "tone440.raw"
@@ -92,14 +95,20 @@ def test_microphone_reaches_the_vm_only_while_allowed(idle_pipeline: Pipeline) -
         env=pipe.vm.full_env(), stdout=out.open("wb"),
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while out.stat().st_size < MONO.bytes_per_second:  # the app reads (silence) first
-            assert time.monotonic() < deadline, f"the VM's app got nothing\n{pipe.logs()}"
-            time.sleep(0.1)
-        asked = time.monotonic()
-        while not pipe.dom0.status()["vms"]["vm1"]["capture"]["requested"]:
-            assert time.monotonic() - asked < 10, f"the guest never asked\n{pipe.logs()}"
-            time.sleep(0.05)
+        wait_until(  # the app reads (silence) first
+            lambda: out.stat().st_size >= MONO.bytes_per_second,
+            "a second of audio for the VM's app",
+            10,
+            interval=0.1,
+            context=pipe.logs,
+        )
+        wait_until(
+            lambda: pipe.dom0.status()["vms"]["vm1"]["capture"]["requested"],
+            "the guest to ask for the microphone",
+            10,
+            interval=0.05,
+            context=pipe.logs,
+        )
         refused_until = out.stat().st_size
         assert request(pipe.dom0.control, {"cmd": "mic", "action": "attach", "vm": "vm1"})["ok"]
         time.sleep(3.0)

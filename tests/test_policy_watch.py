@@ -4,32 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
 from qvaudio.policy_watch import PolicyWatcher
+from tests.waiting import wait_until
 
 WORK = VmIdentity("work")
 ALLOW = "rules:\n  - vm: '*'\n    playback: allow\n"
 DENY = "rules:\n  - vm: '*'\n    playback: deny\n"
+#: Bounds only a failing test: the watcher polls every 50 ms.
+TIMEOUT_S = 5.0
 
 
 def playback(policy: Policy) -> Access:
     return evaluate(policy, WORK, Direction.PLAYBACK).access
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll until `condition` holds; the deadline only bounds a failing test."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def write(path: Path, text: str) -> None:
@@ -66,7 +58,7 @@ def test_edit_is_picked_up_without_restart(policy_dir: Path, watcher: PolicyWatc
     write(path, ALLOW)
     watcher.start()
     write(path, DENY)
-    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+    wait_until(lambda: playback(watcher.policy) is Access.DENY, "playback denied", TIMEOUT_S)
 
 
 def test_in_place_edit_and_new_file_are_picked_up(policy_dir: Path, watcher: PolicyWatcher) -> None:
@@ -75,11 +67,11 @@ def test_in_place_edit_and_new_file_are_picked_up(policy_dir: Path, watcher: Pol
     watcher.start()
     with open(path, "w") as handle:  # same inode, same size: only mtime differs
         handle.write(ALLOW.replace("allow", "deny "))
-    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+    wait_until(lambda: playback(watcher.policy) is Access.DENY, "playback denied", TIMEOUT_S)
     write(policy_dir / "30-work.yaml", "rules:\n  - vm: work\n    playback: allow\n")
-    assert wait_for(lambda: playback(watcher.policy) is Access.ALLOW)
+    wait_until(lambda: playback(watcher.policy) is Access.ALLOW, "playback allowed", TIMEOUT_S)
     (policy_dir / "30-work.yaml").unlink()
-    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+    wait_until(lambda: playback(watcher.policy) is Access.DENY, "playback denied", TIMEOUT_S)
 
 
 def test_invalid_edit_keeps_last_good_and_logs_file_line(
@@ -92,13 +84,13 @@ def test_invalid_edit_keeps_last_good_and_logs_file_line(
     caplog.set_level(logging.ERROR, logger="qvaudio.policy_watch")
     write(path, "rules:\n  - vm: '*'\n    playback: maybe\n")
     expected = f"{path}:3: playback must be one of allow, deny, got 'maybe'"
-    assert wait_for(lambda: expected in caplog.messages)
+    wait_until(lambda: expected in caplog.messages, f"{expected!r} in the log", TIMEOUT_S)
     assert watcher.policy is good
     assert [str(p) for p in watcher.problems] == [expected]
     assert any("keeping the last good policy" in m for m in caplog.messages)
     # Fixing the file installs the fix.
     write(path, DENY)
-    assert wait_for(lambda: playback(watcher.policy) is Access.DENY)
+    wait_until(lambda: playback(watcher.policy) is Access.DENY, "playback denied", TIMEOUT_S)
     assert watcher.problems == ()
 
 
@@ -108,7 +100,7 @@ def test_unsafe_permissions_keep_last_good(policy_dir: Path, watcher: PolicyWatc
     watcher.start()
     good = watcher.policy
     path.chmod(0o666)
-    assert wait_for(lambda: bool(watcher.problems))
+    wait_until(lambda: watcher.problems, "a problem reported", TIMEOUT_S)
     assert "writable by group or others" in str(watcher.problems[0])
     assert watcher.policy is good
 
@@ -125,7 +117,7 @@ def test_never_valid_denies_everything(
     assert any("denying all audio" in m for m in caplog.messages)
     # ... until a valid file appears.
     write(policy_dir / "90-default.yaml", ALLOW)
-    assert wait_for(lambda: playback(watcher.policy) is Access.ALLOW)
+    wait_until(lambda: playback(watcher.policy) is Access.ALLOW, "playback allowed", TIMEOUT_S)
 
 
 def test_missing_directory_denies_then_loads_when_created(tmp_path: Path) -> None:
@@ -137,7 +129,7 @@ def test_missing_directory_denies_then_loads_when_created(tmp_path: Path) -> Non
         assert "cannot read" in str(watcher.problems[0])
         directory.mkdir(mode=0o755)
         write(directory / "90-default.yaml", ALLOW)
-        assert wait_for(lambda: playback(watcher.policy) is Access.ALLOW)
+        wait_until(lambda: playback(watcher.policy) is Access.ALLOW, "playback allowed", TIMEOUT_S)
     finally:
         watcher.stop()
 

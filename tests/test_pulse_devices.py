@@ -16,18 +16,14 @@ from qvaudio.pulse_devices import DeviceState
 from qvaudio.pulse_pcm import PcmStream
 from tests.audio_daemons import NULL_SINK, AudioServer
 from tests.test_pulse_pcm import Recorder
+from tests.waiting import wait_until
 
 FMT = AudioFormat(48000, SampleFormat.S16LE, 2)
 
 
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+def eventually(check: Callable[[], bool], what: str) -> None:
     """Poll `check`: servers apply some changes asynchronously (PipeWire's session manager)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
+    wait_until(check, what, 5.0, interval=0.05)
 
 
 @pytest.fixture
@@ -131,8 +127,8 @@ def test_source_output_count_follows_recorders(audio_server: AudioServer, pulse:
     assert devices.source_output_count(pulse, "vmic") == 0
     fragment = FMT.bytes_for_ms(20)
     with PcmStream.record(audio_server.server, "vmic", FMT, "app", "rec", fragment):
-        assert eventually(lambda: devices.source_output_count(pulse, "vmic") == 1)
-    assert eventually(lambda: devices.source_output_count(pulse, "vmic") == 0)
+        eventually(lambda: devices.source_output_count(pulse, "vmic") == 1, "one recorder on vmic")
+    eventually(lambda: devices.source_output_count(pulse, "vmic") == 0, "no recorder on vmic")
     with pytest.raises(LookupError):
         devices.source_output_count(pulse, "no_such_source")
 
@@ -144,7 +140,9 @@ def test_sink_state_is_running_while_something_plays(audio_server: AudioServer, 
         audio_server.server, "vsink", FMT, "app", "play", FMT.bytes_for_ms(60)
     ) as play:
         play.write(tone.generate_sine(440.0, FMT, 0.3))
-        assert eventually(lambda: devices.sink_state(pulse, "vsink") is DeviceState.RUNNING)
+        eventually(
+            lambda: devices.sink_state(pulse, "vsink") is DeviceState.RUNNING, "vsink running"
+        )
         play.drain()
     assert isinstance(devices.source_state(pulse, "vsink.monitor"), DeviceState)
     with pytest.raises(LookupError):
@@ -157,10 +155,10 @@ def test_default_sink_and_source_can_be_moved(pulse: Any) -> None:
     assert devices.get_default_sink(pulse) == NULL_SINK
     devices.set_default_sink(pulse, "vsink")
     devices.set_default_source(pulse, "vmic")
-    assert eventually(lambda: devices.get_default_sink(pulse) == "vsink")
-    assert eventually(lambda: devices.get_default_source(pulse) == "vmic")
+    eventually(lambda: devices.get_default_sink(pulse) == "vsink", "vsink the default sink")
+    eventually(lambda: devices.get_default_source(pulse) == "vmic", "vmic the default source")
     devices.set_default_sink(pulse, NULL_SINK)
-    assert eventually(lambda: devices.get_default_sink(pulse) == NULL_SINK)
+    eventually(lambda: devices.get_default_sink(pulse) == NULL_SINK, "null the default sink again")
 
 
 def test_connect_gives_a_working_pulsectl_client(audio_server: AudioServer) -> None:

@@ -30,7 +30,7 @@ def call(dom0: Dom0, request: bytes, caller: str | None = "sys-gui") -> tuple[in
 def test_admin_service_status_and_microphone(dom0: Dom0) -> None:
     work = dom0.guest("work")  # the test policy: attach-on-request
     work.offer(S16)
-    work.wait_for(lambda e: isinstance(e, FormatAccept))
+    work.wait_for_event(FormatAccept)
     dom0.guest("blocked")  # the test policy: capture deny (catch-all)
 
     code, reply, log = call(dom0, b"status\n")

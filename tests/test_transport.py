@@ -41,6 +41,7 @@ from qvaudio.transport import (
     parse_address,
 )
 from tests.test_vchan import FakeXenstored
+from tests.waiting import wait_until
 
 TIMEOUT = 5.0
 CHUNK = 64 * 1024
@@ -265,9 +266,7 @@ def test_data_ready_counts_pending_bytes(pair: Pair | TransportUnavailable) -> N
     assert isinstance(pair, Pair)
     assert pair.client.write(b"x" * 1000) == 1000
     wait_readable(pair.server)
-    deadline = time.monotonic() + TIMEOUT
-    while pair.server.data_ready() < 1000 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: pair.server.data_ready() >= 1000, "1000 bytes ready", TIMEOUT, interval=0.01)
     assert pair.server.data_ready() == 1000
 
 
@@ -303,10 +302,9 @@ def test_backpressure_then_draining_resumes(pair: Pair | TransportUnavailable) -
         expected.update(pattern)
     expected.update(pattern[:rest])
     assert got.hexdigest() == expected.hexdigest()
-    deadline = time.monotonic() + TIMEOUT
-    while (resumed := writer.write(b"again")) == 0:
-        assert time.monotonic() < deadline, "writing did not resume after draining"
-        time.sleep(0.01)
+    resumed = wait_until(
+        lambda: writer.write(b"again"), "writing to resume after draining", TIMEOUT, interval=0.01
+    )
     assert resumed == 5
     assert writer.buffer_space() > CHUNK
     assert read_exactly(reader, 5) == b"again"
@@ -335,11 +333,13 @@ def test_writing_to_a_closed_peer_is_stream_closed(pair: Pair | TransportUnavail
         return
     assert isinstance(pair, Pair)
     pair.server.close()
-    deadline = time.monotonic() + TIMEOUT
+
+    def write_once() -> bool:
+        pair.client.write(b"anyone there?")
+        return False  # only StreamClosed ends the wait
+
     with pytest.raises(StreamClosed):
-        while time.monotonic() < deadline:
-            pair.client.write(b"anyone there?")
-            time.sleep(0.01)
+        wait_until(write_once, "a write to the closed peer to fail", TIMEOUT, interval=0.01)
     assert pair.client.state is StreamState.CLOSED
 
 

@@ -30,6 +30,7 @@ from qvaudio.transport import (
     parse_address,
 )
 from qvaudio.transport.qrexec import MAGIC, FdPairStream, HandoffListener, QrexecDialer
+from tests.waiting import wait_until
 
 FAKE_CLIENT = """#!{python}
 # Stand-in for qrexec-client-vm: one call to dom0's service, relayed via pipes.
@@ -159,10 +160,13 @@ def test_call_hands_the_stream_to_dom0_with_qrexecs_identity(qrexec: Path, tmp_p
         # dom0 letting go ends the handler, the call, and the VM's stream.
         dom0.close()
         wait_readable(guest.fileno())
+
+        def read_once() -> bool:
+            guest.read(4096)
+            return False  # only StreamClosed ends the wait
+
         with pytest.raises(StreamClosed):
-            for _ in range(100):
-                guest.read(4096)
-                time.sleep(0.01)
+            wait_until(read_once, "the VM's stream to close", 1.0, interval=0.01)
         # The dialer becomes readable when the call's process is gone, and calls again.
         wait_readable(dialer.fileno())
         again = dialer.accept()

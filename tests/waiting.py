@@ -23,7 +23,7 @@ class WaitTimeout(AssertionError):
 
 
 def wait_until(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     what: str,
     timeout: float = DEFAULT_TIMEOUT_S,
     *,

@@ -21,7 +21,6 @@ import socket
 import struct
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import pyxs
 from pyxs._internal import Op
 
 from qvaudio.xenstore import MetadataLayout, XenStore
+from tests.waiting import WaitTimeout, wait_until
 
 SHIM_SOURCE = Path(__file__).parent / "xen" / "fakexen.c"
 START_TIMEOUT = 10.0
@@ -87,14 +87,17 @@ class XenstoredProcess:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                self.fail(f"xenstored exited with status {self._proc.returncode}")
-            if os.path.exists(self.socket_path) and self._answers():
-                return
-            time.sleep(0.02)
-        self.fail(f"xenstored did not answer on {self.socket_path} within {START_TIMEOUT}s")
+        proc = self._proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                self.fail(f"xenstored exited with status {proc.returncode}")
+            return os.path.exists(self.socket_path) and self._answers()
+
+        try:
+            wait_until(answers, f"xenstored on {self.socket_path}", START_TIMEOUT)
+        except WaitTimeout:
+            self.fail(f"xenstored did not answer on {self.socket_path} within {START_TIMEOUT}s")
 
     def _answers(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

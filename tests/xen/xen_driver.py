@@ -1000,8 +1000,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     marks = []
     with contextlib.suppress(OSError):
         for line in (out / "host-phases.txt").read_text().splitlines():
-            name, stamp = line.split()
-            marks.append((name, float(stamp)))
+            name, raw_stamp = line.split()
+            marks.append((name, float(raw_stamp)))
     end = time.time()
     for (name, stamp), nxt in zip(marks, [*marks[1:], ("end", end)], strict=True):
         phases[name] = round(nxt[1] - stamp, 2)
