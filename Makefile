@@ -52,6 +52,8 @@ bench: venv
 	$(VPY) -m bench.gaps_bench
 	$(VPY) -m bench.scale_bench
 	$(VPY) -m bench.revocation_bench
+	$(VPY) -m bench.hostile_bench
+	$(VPY) -m bench.recovery_bench
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

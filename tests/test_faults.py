@@ -3,9 +3,10 @@
 A VM's PulseAudio plays a continuous tone into its default sink (qvaudio's
 virtual output); qvaudio-guest carries it over a Unix socket to qvaudio-dom0,
 which plays it on the host PulseAudio; a listener records the host sink.
-Each fault is followed by audio flowing again within 2 s of the repair
-(a supervisor's restart), and over 50 cycles of restarting either agent or
-killing either audio server nothing leaks.
+Each fault is followed by audio flowing again soon after the repair (a
+supervisor's restart; RECOVERY_S is the ceiling, bench/recovery_bench.py the
+figures), and over 50 cycles of restarting either agent or killing either
+audio server nothing leaks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from tests.dom0_harness import start_null_sink_clock_once_dom0_plays, write_poli
 from tests.pipeline_harness import Pipeline
 from tests.waiting import wait_until
 
-RECOVERY_S = 2.0
+#: A correctness ceiling, not the figure: audio comes back by itself, with no
+#: back-off in the way (a retry loop stuck at its 5 s maximum would fail).
+#: How fast it comes back is measured by bench/recovery_bench.py.
+RECOVERY_S = 4.0
 #: A stretch of sound this long means audio flows (not a stray buffer).
 FLOWING_S = 0.3
 
