@@ -6,17 +6,53 @@ several run side by side and none touches the user's own audio server.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SINK = "null"
+#: prctl(2) option: the signal a process gets when the thread that started it ends.
+PR_SET_PDEATHSIG = 1
 
 
 class PulseUnavailable(RuntimeError):
     """PulseAudio is not installed or would not start; the message says which."""
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` that makes the child get SIGKILL when its parent ends.
+
+    The demo's cleanup runs on a normal exit, an error, SIGTERM and SIGINT;
+    this covers the ways it cannot run (SIGKILL, a crash), so no daemon or
+    agent outlives the demo. The kernel sends the signal when the *thread*
+    that forked the child ends: start children from the main thread.
+    """
+    # Loaded here, in the parent: between fork and exec only the prctl call runs.
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        # The parent may have ended before prctl: then nobody would signal us.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def log_tail(path: Path, lines: int = 12, chars: int = 1500) -> str:
+    """The end of a log file, for telling a person why something stopped."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log at {path}: {exc.strerror})"
+    kept = [line for line in text[-chars:].splitlines() if line.strip()][-lines:]
+    return "\n".join(kept) if kept else "(its log is empty)"
 
 
 class PrivatePulse:
@@ -25,6 +61,7 @@ class PrivatePulse:
         self.name = name
         self.socket = self.base / "native"
         self.server = f"unix:{self.socket}"
+        self.log = self.base / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {
             "PULSE_SERVER": self.server,
@@ -56,22 +93,27 @@ class PrivatePulse:
             f"load-module module-null-sink sink_name={SINK} rate=48000 channels=2\n"
             f"set-default-sink {SINK}\n"
         )
-        log = (self.base / "daemon.log").open("wb")
-        self.proc = subprocess.Popen(
-            # --disable-shm: PulseAudio 16's shared-memory import can abort the
-            # daemon when a client leaves mid-stream; copying costs nothing here.
-            [binary, "-n", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit",
-             "--use-pid-file=no", "--log-target=stderr", "--disable-shm=yes", "-F", str(script)],
-            env=self.full_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        log.close()
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                # --disable-shm: PulseAudio 16's shared-memory import can abort the
+                # daemon when a client leaves mid-stream; copying costs nothing here.
+                [binary, "-n", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit",
+                 "--use-pid-file=no", "--log-target=stderr", "--disable-shm=yes",
+                 "-F", str(script)],
+                env=self.full_env(), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent(),
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.base / "daemon.log").read_text(errors="replace")[-1500:]
+                tail = log_tail(self.log)
                 self.stop()
                 raise PulseUnavailable(f"PulseAudio ({self.name}) did not start:\n{tail}")
             time.sleep(0.05)
+
+    def exit_status(self) -> int | None:
+        """The daemon's exit status if it has stopped since `start`, else None."""
+        return None if self.proc is None else self.proc.poll()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
