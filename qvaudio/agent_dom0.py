@@ -24,13 +24,21 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from qvaudio import __version__
-from qvaudio.config import ConfigError, Dom0Settings, load_config, parse_vsock_map
+from qvaudio.config import (
+    CONFIG_DEFAULT_HELP,
+    ConfigError,
+    Dom0Settings,
+    flag_range,
+    flag_type,
+    load_config,
+    parse_vsock_map,
+)
 from qvaudio.control import ControlServer, default_socket_path
 from qvaudio.cost import LogLimiter
 from qvaudio.dom0_discovery import (
@@ -56,10 +64,11 @@ from qvaudio.dom0_session import (
     StopPlayback,
     VmSession,
 )
+from qvaudio.extras import require
 from qvaudio.log import raise_priority, setup_logging
 from qvaudio.notify import Notifier
 from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
-from qvaudio.policy_loader import default_policy_dir
+from qvaudio.policy_loader import POLICY_DIR_DEFAULT_HELP, default_policy_dir
 from qvaudio.policy_watch import PolicyWatcher
 from qvaudio.protocol import GoodbyeCode
 from qvaudio.sdnotify import sd_notify, watchdog_interval
@@ -172,6 +181,22 @@ class Dom0Agent:
         self.stopping = True
         self._post("stop", signum)
 
+    def request_reload(self, signum: int, frame: FrameType | None = None) -> None:
+        # Only posted: the handler runs on the main thread between any two
+        # bytecodes, possibly inside a control `reload` that holds the
+        # watcher's lock, and taking that lock again here would deadlock.
+        self._post("reload", signum)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the agent; SIGHUP re-reads the policy now.
+
+        Every handler only posts to the loop (SimpleQueue.put may be called
+        from a signal handler), so none of them can wait for anything.
+        """
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -268,7 +293,10 @@ class Dom0Agent:
                 kind, payload = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "policy":
+            if kind == "reload":
+                # Not behind the watcher thread's own reload: it sees the change.
+                self.policy_watcher.check_now(wait=False)
+            elif kind == "policy":
                 for link in list(self.links.values()):
                     with self._contained(link):
                         self._execute(link, link.session.update_policy(payload, now))
@@ -696,6 +724,12 @@ class Dom0Agent:
             self._execute(link, link.session.set_mic_attached(action == "attach", now))
         return {"ok": True, "vm": name, "attached": name in self.mic_attached}
 
+    @staticmethod
+    def _host_stream_state(playback: HostPlayback) -> str:
+        # open_failures counts failed opens since the last good one; a refusal
+        # (the server there, saying no) is the session's host_refused instead.
+        return "unreachable" if playback.open_failures else "ok"
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         vms: dict[str, Any] = {}
@@ -717,10 +751,18 @@ class Dom0Agent:
                     entry["playback"]["queued_ms"] = round(
                         link.playback.queued_bytes * 1000 / link.playback.format.bytes_per_second, 1
                     )
+                    entry["playback"]["host_stream"] = self._host_stream_state(link.playback)
             vms[name] = entry
         watcher = self.policy_watcher
+        streams = [vm["playback"].get("host_stream") for vm in vms.values() if "playback" in vm]
         return {
             "version": __version__,
+            "host": {
+                "server": self.server or "the session's default",
+                # Known only from the VMs' streams: the loop never asks the
+                # server itself, it must not wait for it.
+                "reachable": None if not streams else "unreachable" not in streams,
+            },
             "vms": vms,
             "policy": {
                 "dir": str(watcher.directory),
@@ -737,23 +779,53 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the audio of every VM from dom0 (or an audio VM): find the VMs, "
         "apply each one's policy, and play each as its own stream on the host audio server.",
     )
-    parser.add_argument("--config", type=Path, help="main config file (default: "
-                        "/etc/qvaudio/qvaudio.yaml, or $QVAUDIO_CONFIG)")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help=f"main config file (default: {CONFIG_DEFAULT_HELP})",
+    )
     parser.add_argument(
         "--transport",
         action="append",
+        type=flag_type("dom0", "transports"),
         metavar="SPEC",
         help="how VMs reach this agent, instead of the config's dom0.transports; repeatable: "
         "'xen' (XenStore), 'unix:DIR' (a socket per VM, named after it), "
         "'vsock:NAME=CID,...', 'qrexec' (Qubes: VMs call the qvaudio.Audio service)",
     )
-    parser.add_argument("--policy-dir", type=Path, help="policy directory (default: "
-                        "/etc/qvaudio/policy.d, or $QVAUDIO_POLICY_DIR)")  # fmt: skip
-    parser.add_argument("--control-socket", type=Path, help="control socket path (default: "
-                        "$XDG_RUNTIME_DIR/qvaudio/control.sock)")  # fmt: skip
-    parser.add_argument("--pulse-server", help="host audio server (default: the session's)")
     parser.add_argument(
-        "--latency-ms", type=int, help="target latency of each VM's stream on the host server"
+        "--policy-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"policy directory (default: the config's dom0.policy_dir, else "
+        f"{POLICY_DIR_DEFAULT_HELP})",
+    )
+    parser.add_argument(
+        "--control-socket",
+        type=Path,
+        metavar="PATH",
+        help="control socket path (default: the config's dom0.control_socket, else "
+        "$XDG_RUNTIME_DIR/qvaudio/control.sock)",
+    )
+    parser.add_argument(
+        "--pulse-server",
+        metavar="SERVER",
+        help="host audio server (default: the config's dom0.pulse_server, else the session's)",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=flag_type("dom0", "playback_latency_ms"),
+        metavar="MS",
+        help="target latency of each VM's stream on the host server "
+        f"({flag_range('dom0', 'playback_latency_ms')}; dom0.playback_latency_ms)",
+    )
+    parser.add_argument(
+        "--reserve-ms",
+        type=flag_type("dom0", "playback_reserve_ms"),
+        metavar="MS",
+        help="audio held for each VM before its host stream starts, the least jitter reserve "
+        f"({flag_range('dom0', 'playback_reserve_ms')}; dom0.playback_reserve_ms)",
     )
     parser.add_argument("--no-notifications", action="store_true",
                         help="do not show desktop notifications")  # fmt: skip
@@ -762,39 +834,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Flags that override one config key each: (flag's dest, dom0 setting).
+FLAG_SETTINGS = (
+    ("pulse_server", "pulse_server"),
+    ("latency_ms", "playback_latency_ms"),
+    ("reserve_ms", "playback_reserve_ms"),
+)
+
+
+def settings_from(args: argparse.Namespace, base: Dom0Settings) -> Dom0Settings:
+    """The config's dom0 settings with the command line's overrides."""
+    # `is not None`: 0 is a value, and every flag was checked like the file's key.
+    overrides: dict[str, Any] = {
+        key: getattr(args, dest) for dest, key in FLAG_SETTINGS if getattr(args, dest) is not None
+    }
+    if args.transport:
+        overrides["transports"] = tuple(args.transport)
+    if args.no_notifications:
+        overrides["notifications"] = False
+    return replace(base, **overrides)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require("qvaudio-dom0", "numpy")
     setup_logging(args.verbose)
     raise_priority("qvaudio.dom0")  # before any thread starts: they inherit it
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"qvaudio-dom0: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
         return 2
-    settings = config.dom0
-    overrides: dict[str, Any] = {}
-    if args.transport:
-        overrides["transports"] = tuple(args.transport)
-    if args.pulse_server:
-        overrides["pulse_server"] = args.pulse_server
-    if args.latency_ms:
-        overrides["playback_latency_ms"] = args.latency_ms
-    if args.no_notifications:
-        overrides["notifications"] = False
-    if overrides:
-        from dataclasses import replace
-
-        settings = replace(settings, **overrides)
-    for spec in settings.transports:
-        if spec.startswith("vsock:"):
-            try:
-                parse_vsock_map(spec)
-            except ValueError as exc:
-                print(f"qvaudio-dom0: --transport {spec}: {exc}", file=sys.stderr)
-                return 2
-        elif spec not in ("xen", "qrexec") and not spec.startswith("unix:"):
-            print(f"qvaudio-dom0: unknown transport {spec!r}", file=sys.stderr)
-            return 2
+    settings = settings_from(args, config.dom0)
     policy_dir = args.policy_dir or (
         Path(settings.policy_dir) if settings.policy_dir else default_policy_dir()
     )
@@ -807,9 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # from delaying another's sound.
     sys.setswitchinterval(0.001)
     agent = Dom0Agent(settings, policy_dir=policy_dir, control_path=control_path)
-    signal.signal(signal.SIGTERM, agent.request_stop)
-    signal.signal(signal.SIGINT, agent.request_stop)
-    signal.signal(signal.SIGHUP, lambda *_: agent.policy_watcher.check_now())
+    agent.install_signal_handlers()
     return agent.run()
 
 

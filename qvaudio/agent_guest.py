@@ -7,53 +7,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-from qvaudio.config import ConfigError, GuestSettings, default_config_path, load_config
-from qvaudio.formats import AudioFormat, FormatError
+from qvaudio import __version__
+from qvaudio.config import (
+    CONFIG_DEFAULT_HELP,
+    ConfigError,
+    GuestSettings,
+    flag_range,
+    flag_type,
+    load_config,
+)
 from qvaudio.guest_loop import GuestAgent
 from qvaudio.log import raise_priority, setup_logging
-from qvaudio.transport import parse_address
+from qvaudio.transport import GUEST_FORMS
 
 log = logging.getLogger(__name__)
 
-#: Device names go unquoted into module arguments (the alphabet pulse_devices accepts).
-DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]+")
-
 
 # -- command line ----------------------------------------------------------------------------
-
-
-def _format_arg(text: str) -> AudioFormat:
-    try:
-        return AudioFormat.parse(text)
-    except FormatError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _transport_arg(text: str) -> str:
-    try:
-        parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _ranged(kind: type[int] | type[float], low: float, high: float) -> Any:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low:g} to {high:g}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,34 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="PATH",
-        help=f"configuration file to read (default: {default_config_path()}).",
+        help=f"configuration file to read (default: {CONFIG_DEFAULT_HELP}).",
     )
     parser.add_argument(
         "--transport",
-        type=_transport_arg,
+        type=flag_type("guest", "transport"),
         metavar="ADDR",
-        help="where dom0 connects: xen:DOMID[:PORT], vsock:CID:PORT or unix:PATH.",
+        help=f"where dom0 connects: {GUEST_FORMS}.",
     )
     parser.add_argument(
         "--format",
         dest="formats",
         action="append",
-        type=_format_arg,
+        type=flag_type("guest", "formats"),
         metavar="FMT",
         help="playback format to offer dom0, e.g. s16le:48000:2; repeat to offer several, "
         "best first.",
     )
     parser.add_argument(
         "--period-ms",
-        type=_ranged(int, 2, 100),
+        type=flag_type("guest", "period_ms"),
         metavar="MS",
-        help="size of each chunk read from the virtual output; smaller means lower latency.",
+        help="size of each chunk read from the virtual output; smaller means lower latency "
+        f"({flag_range('guest', 'period_ms')}).",
     )
     parser.add_argument(
         "--idle-timeout",
-        type=_ranged(float, 0.1, 3600),
+        type=flag_type("guest", "idle_timeout_s"),
         metavar="SECONDS",
-        help="after this much silence, stop sending audio until sound resumes.",
+        help="after this much silence, stop sending audio until sound resumes "
+        f"({flag_range('guest', 'idle_timeout_s')}).",
     )
     parser.add_argument(
         "--pulse-server",
@@ -104,14 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="PulseAudio/PipeWire server to use instead of the session's default.",
     )
     parser.add_argument(
-        "--sink-name", metavar="NAME", help="name of the virtual output device to create."
+        "--sink-name",
+        type=flag_type("guest", "sink_name"),
+        metavar="NAME",
+        help="name of the virtual output device to create.",
     )
     parser.add_argument(
-        "--source-name", metavar="NAME", help="name of the virtual microphone device to create."
+        "--source-name",
+        type=flag_type("guest", "source_name"),
+        metavar="NAME",
+        help="name of the virtual microphone device to create.",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log more detail (debug messages)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -140,16 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")
+        # Every value was checked by the config's own code (flags too), so
+        # `qvaudio config check` refuses exactly what the agent refuses.
+        sys.stderr.writelines(f"{problem}\n" for problem in exc.problems)
         return 2
     settings = settings_from(args, config.guest)
-    for name in (settings.sink_name, settings.source_name):
-        # Checked here, once, rather than failing in the watcher on every retry.
-        if not DEVICE_NAME.fullmatch(name):
-            sys.stderr.write(
-                f"qvaudio-guest: device name {name!r} must match {DEVICE_NAME.pattern}\n"
-            )
-            return 2
     log.debug("configuration from %s", config.source)
     return GuestAgent(settings).run()
 

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from qvaudio import __version__
 from qvaudio.cli_policy import add_policy_parser
-from qvaudio.config import ConfigError, default_config_path, load_config
+from qvaudio.config import (
+    CONFIG_DEFAULT_HELP,
+    Config,
+    ConfigError,
+    default_config_path,
+    load_config,
+)
 from qvaudio.control import ControlError, default_socket_path, request
 
 if TYPE_CHECKING:
@@ -47,6 +53,12 @@ def _format_status(reply: dict[str, Any]) -> str:
     state = "loaded" if policy.get("loaded") else "NOT LOADED: all audio denied"
     lines.append(f"policy: {policy.get('dir')} ({state})")
     lines.extend(f"  problem: {p}" for p in policy.get("problems", []))
+    host = reply.get("host")
+    if isinstance(host, dict) and host.get("reachable") is False:
+        lines.append(
+            f"host audio server: UNREACHABLE ({host.get('server')}): no VM is heard "
+            "until it is back (the agent keeps trying)"
+        )
     vms = reply.get("vms", {})
     if not vms:
         lines.append("no VMs")
@@ -54,21 +66,9 @@ def _format_status(reply: dict[str, Any]) -> str:
         lines.append(f"{name}: {vm.get('state')} via {vm.get('transport')}")
         playback, capture = vm.get("playback"), vm.get("capture")
         if isinstance(playback, dict):
-            flow = "playing" if playback.get("active") else "not playing"
-            if playback.get("corked"):
-                flow = "idle"
-            lines.append(
-                f"  playback: {playback.get('decision')} ({playback.get('rule')}); {flow}; "
-                f"format {playback.get('format') or '-'}; cap {playback.get('volume_max')}%; "
-                f"latency {_ms(playback.get('latency_us'))} "
-                f"(reserve {playback.get('jitter_buffer_ms', '-')} ms)"
-            )
+            lines.append(_playback_line(playback))
         if isinstance(capture, dict):
-            mic = "recording" if capture.get("running") else "not recording"
-            lines.append(
-                f"  capture: {capture.get('decision')} ({capture.get('rule')}); {mic}"
-                f"{'; attached' if capture.get('mic_attached') else ''}"
-            )
+            lines.extend(_capture_lines(name, capture))
         counters = vm.get("counters")
         if isinstance(counters, dict):
             lines.append(
@@ -80,6 +80,43 @@ def _format_status(reply: dict[str, Any]) -> str:
         if vm.get("close_reason"):
             lines.append(f"  closed: {vm['close_reason']}")
     return "\n".join(lines)
+
+
+def _playback_line(playback: dict[str, Any]) -> str:
+    flow = "playing" if playback.get("active") else "not playing"
+    if playback.get("corked"):
+        flow = "idle"
+    # What stops the sound on dom0's side outranks what the VM is doing.
+    if playback.get("host_stream") == "unreachable":
+        flow = "NOT HEARD: the host audio server is unreachable"
+    elif playback.get("host_refused"):
+        flow = f"NOT HEARD: {playback['host_refused']}"
+    return (
+        f"  playback: {playback.get('decision')} ({playback.get('rule')}); {flow}; "
+        f"format {playback.get('format') or '-'}; "
+        f"volume {playback.get('volume_default', '-')}% (cap {playback.get('volume_max')}%); "
+        f"latency {_ms(playback.get('latency_us'))} "
+        f"(reserve {playback.get('jitter_buffer_ms', '-')} ms)"
+    )
+
+
+def _capture_lines(name: str, capture: dict[str, Any]) -> list[str]:
+    mic = "recording" if capture.get("running") else "not recording"
+    lines = [
+        f"  capture: {capture.get('decision')} ({capture.get('rule')}); {mic}"
+        f"{'; attached' if capture.get('mic_attached') else ''}"
+    ]
+    if capture.get("requested") and not capture.get("running"):
+        decision = capture.get("decision")
+        if decision == "attach-on-request" and not capture.get("mic_attached"):
+            lines.append(
+                f"  microphone: {name} is asking for it; to grant it: qvaudio mic attach {name}"
+            )
+        elif decision == "deny":
+            lines.append(f"  microphone: {name} is asking for it; the policy denies it")
+        else:
+            lines.append(f"  microphone: {name} is asking for it; not started yet")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -106,13 +143,17 @@ def cmd_mic(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    path = Path(args.path) if args.path else default_config_path()
+    """The agents' own reading of the file: what it refuses, they refuse."""
     try:
-        config = load_config(path)
+        config = load_config(Path(args.path) if args.path else None)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
         return 1
-    print(f"{config.source}: OK")
+    if config.source == Config().source:
+        print(f"OK: no file at {default_config_path()}; the agents use the built-in defaults")
+    else:
+        print(f"{config.source}: OK")
     return 0
 
 
@@ -150,21 +191,39 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="check the main configuration file")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate qvaudio.yaml")
-    check.add_argument("path", nargs="?", help="the file (default: the installed one)")
+    check.add_argument(
+        "path", nargs="?", help=f"the file (default: the agents' own: {CONFIG_DEFAULT_HELP})"
+    )
     check.set_defaults(func=cmd_config_check)
+
+    from qvaudio.demo import MAX_SECONDS, MIN_SECONDS, tone_seconds
 
     demo = commands.add_parser(
         "demo",
         help="run both agents on this machine and send a tone through them",
         description="Start private audio servers for a 'VM' and for 'dom0', run "
-        "qvaudio-guest and qvaudio-dom0 between them over a Unix socket with the "
-        "shipped config and policy, play a tone in the VM and measure what reaches dom0.",
+        "qvaudio-guest and qvaudio-dom0 between them over a Unix socket with your "
+        "config and policy (or, if none is installed, the demo's own, which lets the "
+        "demo VM play), play a tone in the VM and measure what reaches dom0.",
     )
-    demo.add_argument("--json", action="store_true", help="print the results as one JSON object")
     demo.add_argument(
-        "--speakers", action="store_true", help="play to your own audio server so you hear it"
+        "--json",
+        action="store_true",
+        help='print the outcome as one JSON object, failures included ({"ok": false, '
+        '"error": ...})',
     )
-    demo.add_argument("--seconds", type=float, default=3.0, help="length of the tone")
+    demo.add_argument(
+        "--speakers",
+        action="store_true",
+        help="play to your own audio server so you hear it (and measure its output's monitor)",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=tone_seconds,
+        default=3.0,
+        metavar="S",
+        help=f"length of the tone, {MIN_SECONDS:g} to {MAX_SECONDS:g} s (default: 3)",
+    )
     demo.add_argument(
         "--keep-recording",
         metavar="FILE",

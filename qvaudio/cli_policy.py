@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from qvaudio.policy import SETTINGS, Policy, VmIdentity, resolve, shadowed_rules
 from qvaudio.policy_edit import PolicyEditError, set_vm_setting
 from qvaudio.policy_loader import (
+    POLICY_DIR_DEFAULT_HELP,
     PolicyLoadError,
     default_policy_dir,
     load_policy_dir,
@@ -88,7 +89,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     """Set one setting in the VM's own file; exit 1 (writing nothing) if refused."""
     directory: Path = args.policy_dir or default_policy_dir()
     try:
-        path = set_vm_setting(directory, args.vm, args.key, args.value)
+        path = set_vm_setting(directory, args.vm, args.key, args.value, strict=not args.no_strict)
     except PolicyEditError as exc:
         print(f"policy set: {exc}", file=sys.stderr)
         return 1
@@ -104,13 +105,15 @@ def cmd_set(args: argparse.Namespace) -> int:
     try:
         policy = load_policy_dir(directory, strict=not args.no_strict)
     except PolicyLoadError as exc:
+        # Written, and valid on its own, but not in force: the command did
+        # not do what it was asked, so it fails, naming what stands in the way.
         _print_problems(exc)
         print(
-            f"warning: other files in {directory} are invalid; the agent keeps its last "
-            "good policy until they are fixed",
+            f"policy set: {path} was written, but the agent refuses the policy in {directory} "
+            "as a whole (above) and keeps its last good policy until that is fixed",
             file=sys.stderr,
         )
-        return 0
+        return 1
     decided = resolve(policy, VmIdentity(args.vm)).setting(args.key)
     if decided.origin is None or decided.origin.file != str(path):
         print(
@@ -162,7 +165,7 @@ def _add_commands(sub: SubParsers) -> None:
             "--policy-dir",
             type=Path,
             default=None,
-            help=f"policy directory (default: {default_policy_dir()})",
+            help=f"policy directory (default: {POLICY_DIR_DEFAULT_HELP})",
         )
 
 

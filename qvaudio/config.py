@@ -2,19 +2,25 @@
 
 Read with the same hardened YAML composer as the policy (no anchors, aliases
 or tags; size and depth capped), interpreted by hand so that every error
-names `file:line`. Every key has a default, so an empty file is valid; an
-unknown key is an error (a typo must not silently fall back to a default).
-Command-line flags override the file; see `qvaudio-guest --help`.
+names `file:line`, and every problem in a file is reported, not only the
+first. Every key has a default, so an empty file is valid; an unknown key is
+an error (a typo must not silently fall back to a default).
+
+Command-line flags override the file and are checked by the same code
+(`flag_type`), and so are the settings objects themselves: a value the file
+would refuse cannot reach an agent by any route.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import yaml
 
@@ -26,12 +32,93 @@ DEFAULT_CONFIG_PATH = Path("/etc/qvaudio/qvaudio.yaml")
 #: The default config shipped in a source checkout, used when nothing is installed.
 SOURCE_CONFIG_PATH = Path(__file__).resolve().parent.parent / "qvaudio.yaml"
 CONFIG_ENV = "QVAUDIO_CONFIG"
+#: How the default is found, for help texts and man pages: the same words on
+#: every machine (a path computed here would put the build machine's checkout
+#: into the installed man pages).
+CONFIG_DEFAULT_HELP: Final = (
+    f"${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}, else qvaudio.yaml of the source checkout "
+    f"it runs from when {DEFAULT_CONFIG_PATH} does not exist; no file at all means the "
+    "built-in defaults"
+)
+#: Device names go unquoted into module arguments (the alphabet pulse_devices accepts).
+DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]+")
 
 T = TypeVar("T")
 
 
 class ConfigError(Exception):
-    """The config was refused; the message is `file:line: what is wrong`."""
+    """The config was refused; each of `problems` reads `file:line: what is wrong`."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """A numeric setting's range. The one check for the file, the flags and the settings."""
+
+    low: float
+    high: float
+    whole: bool = True
+
+    def __str__(self) -> str:
+        return f"{self._show(self.low)} to {self._show(self.high)}"
+
+    def _show(self, value: float) -> str:
+        # Whole ranges print as integers: f"{2**32:g}" would be 4.29497e+09.
+        return str(int(value)) if self.whole and float(value).is_integer() else f"{value:g}"
+
+    def parse(self, text: str) -> Any:
+        """`text` as a number in range, or ValueError saying why not."""
+        try:
+            value: float = int(text) if self.whole else float(text)
+        except ValueError:
+            kind = "a whole number" if self.whole else "a number"
+            raise ValueError(f"expected {kind}, not {text!r}") from None
+        return self.check(value)
+
+    def check(self, value: float) -> float:
+        # Written so that NaN, which compares false with everything, fails too.
+        if not self.low <= value <= self.high:
+            raise ValueError(f"{self._show(value)} is outside {self}")
+        if self.whole and not float(value).is_integer():
+            raise ValueError(f"{value:g} is not a whole number")
+        return value
+
+    def __call__(self, node: yaml.Node) -> Any:
+        return self.parse(_scalar(node))
+
+
+#: The numeric settings and their ranges (flags, file and settings objects share them).
+GUEST_BOUNDS: Final[Mapping[str, Bounds]] = {
+    "period_ms": Bounds(2, 100),
+    "idle_timeout_s": Bounds(0.1, 3600, whole=False),
+}
+DOM0_BOUNDS: Final[Mapping[str, Bounds]] = {
+    "xen_port": Bounds(1, 65535),
+    "vsock_port": Bounds(1, 2**32 - 2),
+    "playback_latency_ms": Bounds(5, 1000),
+    "playback_reserve_ms": Bounds(0, 100),
+    "capture_period_ms": Bounds(2, 100),
+}
+
+
+def check_device_name(name: str) -> str:
+    if not DEVICE_NAME.fullmatch(name):
+        raise ValueError(f"device name {name!r} must match {DEVICE_NAME.pattern}")
+    return name
+
+
+def _check_bounds(settings: object, bounds: Mapping[str, Bounds]) -> None:
+    for name, allowed in bounds.items():
+        try:
+            allowed.check(getattr(settings, name))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +145,11 @@ class GuestSettings:
     #: PulseAudio server to use; empty for the session's default.
     pulse_server: str = ""
 
+    def __post_init__(self) -> None:
+        _check_bounds(self, GUEST_BOUNDS)
+        for name in (self.sink_name, self.source_name):
+            check_device_name(name)
+
 
 @dataclass(frozen=True, slots=True)
 class Dom0Settings:
@@ -76,6 +168,9 @@ class Dom0Settings:
     capture_period_ms: int = 10
     pulse_server: str = ""
     notifications: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bounds(self, DOM0_BOUNDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +191,19 @@ def default_config_path() -> Path:
 
 
 def load_config(path: Path | None = None) -> Config:
-    """Read `path` (default: see `default_config_path`); a missing file means defaults."""
+    """Read `path`, or the default file (see `default_config_path`).
+
+    Only the default location may be absent (the built-in defaults apply
+    then): a file someone named, with `path` or $QVAUDIO_CONFIG, that is
+    missing is an error, or a typo in a path would silently run the defaults.
+    """
+    named = path is not None or bool(os.environ.get(CONFIG_ENV))
     path = path or default_config_path()
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if named:
+            raise ConfigError(f"{path}: no such file") from None
         return Config()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
@@ -108,6 +211,7 @@ def load_config(path: Path | None = None) -> Config:
 
 
 def parse_config(data: bytes, file: str) -> Config:
+    """The config in `data`; ConfigError lists every problem, each with file:line."""
     try:
         root = compose(data, max_bytes=64 * 1024)
     except Refused as exc:
@@ -122,6 +226,8 @@ def parse_config(data: bytes, file: str) -> Config:
         guest = reader.section(sections["guest"], guest, _GUEST_FIELDS, "guest")
     if "dom0" in sections:
         dom0 = reader.section(sections["dom0"], dom0, _DOM0_FIELDS, "dom0")
+    if reader.problems:
+        raise ConfigError(*reader.problems)
     return Config(guest=guest, dom0=dom0, source=file)
 
 
@@ -149,34 +255,6 @@ def _string(node: yaml.Node) -> str:
     return text
 
 
-def _int_in(low: int, high: int) -> Callable[[yaml.Node], int]:
-    def parse(node: yaml.Node) -> int:
-        text = _scalar(node)
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"expected a whole number, not {text!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"{value} is outside {low} to {high}")
-        return value
-
-    return parse
-
-
-def _float_in(low: float, high: float) -> Callable[[yaml.Node], float]:
-    def parse(node: yaml.Node) -> float:
-        text = _scalar(node)
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"expected a number, not {text!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"{value:g} is outside {low:g} to {high:g}")
-        return value
-
-    return parse
-
-
 def _bool(node: yaml.Node) -> bool:
     text = _scalar(node).lower()
     if text in ("true", "yes", "on"):
@@ -184,6 +262,10 @@ def _bool(node: yaml.Node) -> bool:
     if text in ("false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, not {text!r}")
+
+
+def _device_name(node: yaml.Node) -> str:
+    return check_device_name(_string(node))
 
 
 def _transport(node: yaml.Node) -> str:
@@ -198,7 +280,7 @@ def _dom0_transport(node: yaml.Node) -> str:
         if text.startswith("vsock:"):
             parse_vsock_map(text)
         return text
-    raise ValueError(f"{text!r} is not xen, unix:DIR or vsock:NAME=CID[,NAME=CID...]")
+    raise ValueError(f"{text!r} is not xen, qrexec, unix:DIR or vsock:NAME=CID[,NAME=CID...]")
 
 
 def parse_vsock_map(text: str) -> dict[str, int]:
@@ -212,19 +294,22 @@ def parse_vsock_map(text: str) -> dict[str, int]:
     return mapping
 
 
-def _list_of(item: Callable[[yaml.Node], T]) -> Callable[[yaml.Node], tuple[T, ...]]:
-    def parse(node: yaml.Node) -> tuple[T, ...]:
+class _ListOf:
+    """A non-empty list of `item`; a flag for such a key gives one item each time."""
+
+    def __init__(self, item: Callable[[yaml.Node], Any]) -> None:
+        self.item = item
+
+    def __call__(self, node: yaml.Node) -> tuple[Any, ...]:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             raise ValueError("expected a non-empty list")
         values = []
         for child in node.value:
             try:
-                values.append(item(child))
+                values.append(self.item(child))
             except ValueError as exc:
                 raise _AtLine(_line(child), str(exc)) from None
         return tuple(values)
-
-    return parse
 
 
 def _format(node: yaml.Node) -> AudioFormat:
@@ -242,53 +327,84 @@ class _AtLine(ValueError):
 
 _GUEST_FIELDS: dict[str, Callable[[yaml.Node], Any]] = {
     "transport": _transport,
-    "formats": _list_of(_format),
-    "capture_formats": _list_of(_format),
-    "period_ms": _int_in(2, 100),
-    "idle_timeout_s": _float_in(0.1, 3600),
-    "sink_name": _string,
+    "formats": _ListOf(_format),
+    "capture_formats": _ListOf(_format),
+    **GUEST_BOUNDS,
+    "sink_name": _device_name,
     "sink_description": _string,
-    "source_name": _string,
+    "source_name": _device_name,
     "source_description": _string,
     "pulse_server": _string,
 }
 _DOM0_FIELDS: dict[str, Callable[[yaml.Node], Any]] = {
-    "transports": _list_of(_dom0_transport),
-    "xen_port": _int_in(1, 65535),
-    "vsock_port": _int_in(1, 2**32 - 2),
+    "transports": _ListOf(_dom0_transport),
+    **DOM0_BOUNDS,
     "policy_dir": _string,
     "control_socket": _string,
-    "playback_latency_ms": _int_in(5, 1000),
-    "playback_reserve_ms": _int_in(0, 100),
-    "capture_period_ms": _int_in(2, 100),
     "pulse_server": _string,
     "notifications": _bool,
 }
+_SECTIONS: Final = {"guest": _GUEST_FIELDS, "dom0": _DOM0_FIELDS}
+
+
+def flag_type(section: Literal["guest", "dom0"], key: str) -> Callable[[str], Any]:
+    """An argparse `type=` for a flag that overrides `section.key`: the file's own check.
+
+    A value the file refuses is a usage error naming what is allowed (a
+    number's range), before anything starts.
+    """
+    check = _SECTIONS[section][key]
+    if isinstance(check, _ListOf):
+        check = check.item  # a repeatable flag: one item per use
+
+    def parse(text: str) -> Any:
+        try:
+            return check(yaml.ScalarNode("tag:yaml.org,2002:str", text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = key  # argparse names the type in some of its messages
+    return parse
+
+
+def flag_range(section: Literal["guest", "dom0"], key: str) -> str:
+    """`section.key`'s range for a flag's help, e.g. "5 to 1000"."""
+    return str((GUEST_BOUNDS if section == "guest" else DOM0_BOUNDS)[key])
 
 
 class _Reader:
+    """Interprets one file's nodes, collecting every problem rather than the first."""
+
     def __init__(self, file: str) -> None:
         self.file = file
+        self._problems: list[tuple[int, str]] = []
 
-    def fail(self, line: int | None, message: str) -> ConfigError:
-        return ConfigError(_where(self.file, line, message))
+    @property
+    def problems(self) -> list[str]:
+        """In the file's order (keys are judged before their values)."""
+        return [text for _, text in sorted(self._problems, key=lambda p: p[0])]
+
+    def fail(self, line: int | None, message: str) -> None:
+        self._problems.append((line or 0, _where(self.file, line, message)))
 
     def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
         if not isinstance(node, yaml.MappingNode):
-            raise self.fail(_line(node), f"{what} must be a mapping of keys to values")
+            self.fail(_line(node), f"{what} must be a mapping of keys to values")
+            return {}
         result: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
             key = str(key_node.value)
             if key in result:
-                raise self.fail(_line(key_node), f"duplicate key {key!r}")
-            if key not in allowed:
+                self.fail(_line(key_node), f"duplicate key {key!r}")
+            elif key not in allowed:
                 near = difflib.get_close_matches(key, allowed, n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise self.fail(
+                self.fail(
                     _line(key_node),
                     f"unknown key {key!r} in {what}{hint}; known: {', '.join(allowed)}",
                 )
-            result[key] = value_node
+            else:
+                result[key] = value_node
         return result
 
     def section(
@@ -305,7 +421,7 @@ class _Reader:
             try:
                 values[key] = fields[key](value_node)
             except _AtLine as exc:
-                raise self.fail(exc.line, f"{name}.{key}: {exc}") from None
+                self.fail(exc.line, f"{name}.{key}: {exc}")
             except ValueError as exc:
-                raise self.fail(_line(value_node), f"{name}.{key}: {exc}") from None
+                self.fail(_line(value_node), f"{name}.{key}: {exc}")
         return replace(defaults, **values)  # type: ignore[type-var]

@@ -439,12 +439,20 @@ class GuestAgent:
     # -- reporting -------------------------------------------------------------------------
 
     def _local_latency_us(self) -> int:
-        local = 0
-        if self.monitor is not None:
-            local += self.monitor.latency_us() or 0
-        if self.playback_format is not None:
-            local += self.playback_format.duration_us(self.outbox.audio_bytes)
-        return local
+        """The guest's part: one period (the reader hands audio over a period
+        at a time) and what waits for the transport.
+
+        Not the monitor stream's own latency figure: on PulseAudio a monitor
+        opened on a suspended sink (as the idle virtual output is) reports the
+        whole time since it opened, seconds or hours, and works that off only
+        at real time once sound flows (measured: 7.0 s after a 7 s suspension,
+        6.4 s half a second into the sound, 0 after 7 s), while the audio
+        itself arrives at once.
+        """
+        fmt = self.playback_format
+        if fmt is None:
+            return 0
+        return self.settings.period_ms * 1000 + fmt.duration_us(self.outbox.audio_bytes)
 
     def _report_latency(self, now: float) -> None:
         session = self.session

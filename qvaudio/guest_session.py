@@ -111,6 +111,10 @@ class GuestSession:
         self._last_heard = now
         self._last_sound = now
         self._mic_refusal_told = False
+        #: `frames_sent` when the sound now flowing began; None while none flows.
+        self._sound_from: int | None = None
+        #: dom0 has reported on audio of that sound: the latency means something.
+        self._latency_known = False
 
     def _send(self, event: Event) -> list[Action]:
         """Bytes for `event`, or nothing once the connection is closed.
@@ -143,10 +147,13 @@ class GuestSession:
         """End-to-end playback latency: our buffering, in flight, and dom0's.
 
         `local_us` is the guest-side part (the monitor's record latency plus
-        anything queued for the transport); None until dom0 has reported.
+        anything queued for the transport). None unless sound is flowing and
+        dom0 has reported on some of it: before that, the figure is of
+        nothing (at connect, an idle null sink's monitor alone says ~2 s, and
+        dom0's host stream has not played).
         """
         fmt, position = self.playback_format, self.last_position
-        if fmt is None or position is None:
+        if fmt is None or position is None or not self._latency_known:
             return None
         # In flight when dom0 reported, not now: what was sent since its
         # report is unknown to it, and counting it would inflate the figure
@@ -191,8 +198,11 @@ class GuestSession:
             self._last_sound = now
             if self.conn.corked:
                 actions += [*self._send(Cork(False)), Log(logging.DEBUG, "uncorked")]
+            if self._sound_from is None:
+                self._sound_from = self.frames_sent
+                self._latency_known = False
         elif not self.conn.corked and now - self._last_sound >= self.config.idle_timeout:
-            return [*self._send(Cork(True)), Log(logging.DEBUG, "idle: corked")]
+            return self._cork("idle: corked")
         if self.conn.corked:
             return actions
         for chunk in pcm_chunks(pcm, fmt.frame_size):
@@ -216,7 +226,16 @@ class GuestSession:
         """The shell saw the sink go idle (no application plays): cork at once."""
         if self.closed or self.conn.corked or self.conn.state is not ConnectionState.OPEN:
             return []
-        return [*self._send(Cork(True)), Log(logging.DEBUG, "sink idle: corked")]
+        return self._cork("sink idle: corked")
+
+    def _cork(self, why: str) -> list[Action]:
+        self._sound_ended()
+        return [*self._send(Cork(True)), Log(logging.DEBUG, why)]
+
+    def _sound_ended(self) -> None:
+        """No sound flows any more (corked, or the monitor stops or restarts)."""
+        self._sound_from = None
+        self._latency_known = False
 
     def set_mic_users(self, count: int, now: float) -> list[Action]:
         """How many applications record from the virtual microphone now."""
@@ -250,7 +269,7 @@ class GuestSession:
             # A suspended monitor delivers no silence to time out on, and
             # the shell's count of playing applications is the only other
             # way to learn that the sound has ended.
-            return [*self._send(Cork(True)), Log(logging.DEBUG, "no sound: corked")]
+            return self._cork("no sound: corked")
         return []
 
     def shutdown(self, reason: str) -> list[Action]:
@@ -270,10 +289,12 @@ class GuestSession:
                     actions += self._send(CaptureRequest(True))
                 return actions
             case FormatAccept(stream=StreamKind.PLAYBACK, format=fmt):
+                self._sound_ended()
                 return [Log(logging.INFO, f"playback format {fmt}"), StartMonitor(fmt)]
             case FormatAccept(stream=StreamKind.CAPTURE, format=fmt):
                 return [Log(logging.INFO, f"microphone format {fmt}"), MicFormat(fmt)]
             case FormatRefuse(stream=StreamKind.PLAYBACK, reason=reason):
+                self._sound_ended()
                 return [
                     Log(logging.WARNING, f"dom0 refused playback: {reason}"),
                     StopMonitor(reason),
@@ -282,6 +303,7 @@ class GuestSession:
             case FormatRefuse(stream=StreamKind.CAPTURE, reason=reason):
                 return [Log(logging.WARNING, f"dom0 refused the microphone format: {reason}")]
             case PlaybackState(status=status, reason=reason):
+                self._sound_ended()
                 if status is StreamStatus.RUNNING:
                     current = self.playback_format
                     assert current is not None  # the connection checked it
@@ -295,9 +317,11 @@ class GuestSession:
                 return self._capture_state(status, reason)
             case CaptureData(pcm=pcm):
                 return [MicAudio(pcm)]
-            case Position():
+            case Position(received_frames=received):
                 self.last_position = event
                 self._sent_at_position = self.frames_sent
+                if self._sound_from is not None and received > self._sound_from:
+                    self._latency_known = True
                 return []
             case Goodbye(code=code, reason=reason):
                 return self._close(f"dom0 said goodbye ({code.name.lower()}: {reason})", None)

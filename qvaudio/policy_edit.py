@@ -30,6 +30,7 @@ from qvaudio.policy import (
 )
 from qvaudio.policy_loader import (
     compose_policy_yaml,
+    directory_problem,
     parse_policy_text,
 )
 from qvaudio.safe_yaml import MAX_FILE_BYTES
@@ -305,16 +306,24 @@ def _atomic_replace(path: Path, data: bytes, mode: int, dir_fd: int) -> None:
     os.fsync(dir_fd)
 
 
-def set_vm_setting(directory: Path, vm: str, key: str, value: str) -> Path:
+def set_vm_setting(directory: Path, vm: str, key: str, value: str, *, strict: bool = True) -> Path:
     """Set `key` (e.g. `capture`, `volume.max`) to `value` in <dir>/30-<vm>.yaml.
 
     Creates the file if needed. Raises PolicyEditError, or PolicyLoadError when
     the existing file or the result would not load; nothing is written then.
-    Returns the path written.
+    With `strict` (as the agent always is), a directory the loader refuses
+    (owner, group- or world-writable) is refused here too. Returns the path
+    written.
     """
     path = vm_policy_path(directory, vm)
     value_yaml = format_value(key, value)
     file = str(path)
+    if strict:
+        why = directory_problem(directory)
+        if why is not None:
+            raise PolicyEditError(
+                f"{directory}: {why}; the agent reads no file in it, so nothing was written"
+            )
     with _locked_dir(directory) as dir_fd:
         try:
             with open(path, "rb") as handle:

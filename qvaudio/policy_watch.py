@@ -95,9 +95,16 @@ class PolicyWatcher:
         """Why the files on disk are not in force (empty when they are)."""
         return self._problems
 
-    def check_now(self) -> bool:
-        """Reload if anything changed since the last look; True if a policy was installed."""
-        with self._lock:
+    def check_now(self, *, wait: bool = True) -> bool:
+        """Reload if anything changed since the last look; True if a policy was installed.
+
+        `wait=False` returns at once (False) while another thread is checking:
+        that check, or the poll after it, sees any change, and a caller such
+        as an event loop must not stall behind someone else's reload.
+        """
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
             # Taken before loading: an edit during the load changes it again,
             # so the next poll reloads instead of missing the edit.
             current = fingerprint(self.directory)
@@ -105,6 +112,8 @@ class PolicyWatcher:
                 return False
             self._seen = current
             return self._reload()
+        finally:
+            self._lock.release()
 
     def _reload(self) -> bool:
         try:

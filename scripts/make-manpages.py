@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write qvaudio's man pages (section 1).")
     parser.add_argument("--outdir", type=Path, required=True, help="directory for NAME.1 files")
     args = parser.parse_args(argv)
-    # Parsers put the effective default paths into their help; the pages must
-    # show the installed defaults, not this build machine's environment.
+    # The parsers' help states how defaults are found, never a path worked
+    # out on this machine (tests/test_manpages.py checks); clearing the
+    # variables also keeps anything computed from them out of the pages.
     for name in ("QVAUDIO_CONFIG", "QVAUDIO_POLICY_DIR"):
         os.environ.pop(name, None)
     args.outdir.mkdir(parents=True, exist_ok=True)

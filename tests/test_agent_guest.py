@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 
 from qvaudio import guest_devices, pulse_devices, tone
 from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.guest_loop import STATUS_EVERY_S
 from qvaudio.protocol import CaptureRequest, Cork, Goodbye, StreamStatus
 from tests.audio_daemons import NULL_SINK, AudioServer
 from tests.guest_peer import Dom0Peer
@@ -196,6 +198,54 @@ def test_tone_played_into_the_default_sink_reaches_dom0(agent: Agent, peer: Dom0
     assert status["latency_us"] is None or 0 < status["latency_us"] < 1_000_000
     with agent.pulse() as p:
         assert p.get_sink_by_name(SINK).description == "qvaudio: dom0 speakers"
+    # Logged only once it describes sound that flowed (at connect, an idle
+    # null sink's monitor alone used to make it ~2 s).
+    logged = [
+        float(ms) for ms in re.findall(r"end-to-end playback latency ([\d.]+) ms", agent.log())
+    ]
+    assert all(0 < ms < 1000 for ms in logged), logged
+
+
+def logged_latencies(agent: Agent) -> list[float]:
+    return [float(ms) for ms in re.findall(r"end-to-end playback latency ([\d.]+) ms", agent.log())]
+
+
+def test_latency_is_reported_only_for_sound_that_flowed(
+    audio_server: AudioServer, workdir: Path
+) -> None:
+    # A long idle timeout: connected and uncorked with nothing playing, as
+    # the first seconds after dom0 connects are in the field.
+    agent = Agent(audio_server, workdir, "--idle-timeout", "60")
+    peer: Dom0Peer | None = None
+    try:
+        peer = Dom0Peer(agent.socket)
+        # Streaming silence, or corked at once where the server says nothing plays.
+        wait_for(lambda: agent.status()["state"] in ("streaming", "idle"), "a playback format")
+        # Only an absence, so only a window shows it: two of the agent's
+        # reporting periods with dom0's position reports coming in (every
+        # 0.5 s) would have logged a figure; a line ends the wait at once.
+        window_ends = time.monotonic() + 2 * STATUS_EVERY_S + 1
+        wait_for(
+            lambda: time.monotonic() >= window_ends or bool(logged_latencies(agent)),
+            "the end of the window",
+            timeout=2 * STATUS_EVERY_S + 10,
+        )
+        assert logged_latencies(agent) == [], agent.log()
+        assert agent.status()["latency_us"] is None
+        player = play(agent, 440.0, 4.0)
+        try:
+            wait_for(lambda: bool(logged_latencies(agent)), "a latency line while sound plays")
+            figure = agent.status()["latency_us"]
+        finally:
+            assert player.wait(DEADLINE_S) == 0
+        assert all(0 < ms < 1000 for ms in logged_latencies(agent)), agent.log()
+        assert figure is None or 0 < figure < 1_000_000
+    finally:
+        if peer is not None:
+            peer.close()
+        agent.stop()
+        _current_log.clear()
+        leave_daemon_clean(audio_server)
 
 
 def test_silence_corks_and_sound_uncorks(agent: Agent, peer: Dom0Peer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import dataclasses
 
 from qvaudio.connection import Connection
 from qvaudio.formats import AudioFormat, SampleFormat
@@ -178,6 +179,27 @@ def test_latency_is_end_to_end() -> None:
     # Sent after dom0's report: not counted until the next report covers it.
     h.run(h.session.audio(SOUND, h.now))
     assert h.session.latency_us(5000) == 35000
+
+
+def test_latency_means_something_only_once_dom0_reported_on_sound() -> None:
+    h = Harness()
+    h.accept_all()
+    report = Position(received_frames=0, played_frames=0, playback_latency_us=20000,
+                      capture_latency_us=0)  # fmt: skip
+    h.from_dom0(report)
+    assert h.session.latency_us(5000) is None, "connected, nothing played yet"
+    h.run(h.session.audio(SILENCE, h.now))
+    h.from_dom0(dataclasses.replace(report, received_frames=480))
+    assert h.session.latency_us(5000) is None, "silence is no sound"
+    h.run(h.session.audio(SOUND, h.now))
+    h.from_dom0(dataclasses.replace(report, received_frames=480))
+    assert h.session.latency_us(5000) is None, "dom0 has not had any of the sound yet"
+    h.from_dom0(dataclasses.replace(report, received_frames=960))
+    assert h.session.latency_us(5000) == 25000
+    h.now += 3.0  # past the idle timeout, well within dom0's liveness
+    h.run(h.session.tick(h.now))
+    assert h.to_dom0[-1] == Cork(True)
+    assert h.session.latency_us(5000) is None, "corked: no sound flows"
 
 
 def test_silent_dom0_means_a_dead_transport() -> None:

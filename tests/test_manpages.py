@@ -87,6 +87,30 @@ def test_pages_have_the_standard_sections(pages: dict[str, Path]) -> None:
         assert "/etc/qvaudio/qvaudio.yaml" in plain(text)
 
 
+def test_pages_and_help_name_no_path_of_the_machine_they_were_made_on(
+    pages: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without /etc/qvaudio (as here), this checkout is what a computed
+    # default would name; an installed page must not.
+    for name, page in pages.items():
+        assert str(REPO) not in plain(page.read_text()), f"{name}(1) names {REPO}"
+    monkeypatch.setenv("QVAUDIO_CONFIG", str(tmp_path / "mine.yaml"))
+    monkeypatch.setenv("QVAUDIO_POLICY_DIR", str(tmp_path / "policy.d"))
+    for name, build in PARSERS.items():
+        for _, action in walk(build()):
+            text = action.help or ""
+            assert str(REPO) not in text and str(tmp_path) not in text, (name, text)
+
+
+def test_pages_name_every_transport_a_command_accepts(pages: dict[str, Path]) -> None:
+    guest = " ".join(plain(pages["qvaudio-guest"].read_text()).split())
+    for form in ("xen:DOMID[:PORT]", "vsock:CID:PORT", "unix:PATH", "qrexec:[TARGET[:SERVICE]]"):
+        assert form in guest, form
+    dom0 = plain(pages["qvaudio-dom0"].read_text())
+    for form in ("'xen'", "'unix:DIR'", "'vsock:NAME=CID,...'", "'qrexec'"):
+        assert form in dom0, form
+
+
 def test_pages_render_without_warnings(pages: dict[str, Path]) -> None:
     groff = shutil.which("groff")
     if groff is None:

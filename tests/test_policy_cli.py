@@ -138,6 +138,39 @@ def test_set_warns_when_an_earlier_rule_still_decides(
     assert f"still decided by {policy_dir}/10-lockdown.yaml:2" in err
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_set_refuses_a_directory_the_agent_would_refuse(
+    policy_dir: Path, mode: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy_dir.chmod(mode)
+    assert run(["set", "work", "capture", "allow", "--policy-dir", str(policy_dir)]) == 1
+    err = capsys.readouterr().err
+    # The loader's own words about the directory, not a hint about "other files".
+    assert err == (
+        f"policy set: {policy_dir}: refusing directory writable by group or others "
+        f"(mode {mode:04o}; chmod go-w); the agent reads no file in it, so nothing was written\n"
+    )
+    assert sorted(os.listdir(policy_dir)) == ["90-default.yaml"]
+    assert run(["check", str(policy_dir)]) == 1, "policy check judges it the same way"
+    capsys.readouterr()
+    # --no-strict is for drafts, and writes.
+    assert (
+        run(["set", "work", "capture", "allow", "--no-strict", "--policy-dir", str(policy_dir)])
+        == 0
+    )
+
+
+def test_set_fails_when_another_file_keeps_it_from_taking_effect(
+    policy_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = policy_dir / "50-broken.yaml"
+    broken.write_text("rules:\n  - vm: x\n    playback: maybe\n")
+    assert run(["set", "work", "capture", "allow", "--policy-dir", str(policy_dir)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"{broken}:3: playback must be one of allow, deny, got 'maybe'"
+    assert err[1].startswith(f"policy set: {policy_dir}/30-work.yaml was written, but the agent")
+
+
 def test_unknown_key_is_a_usage_error(policy_dir: Path) -> None:
     with pytest.raises(SystemExit) as caught:
         run(["set", "work", "loudness", "3", "--policy-dir", str(policy_dir)])

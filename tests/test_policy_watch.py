@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
+from qvaudio.policy_loader import load_policy_dir
 from qvaudio.policy_watch import PolicyWatcher
 from tests.waiting import wait_until
 
@@ -144,6 +146,31 @@ def test_check_now_reloads_only_on_change(policy_dir: Path) -> None:
     write(policy_dir / "90-default.yaml", DENY)
     assert watcher.check_now() is True
     assert [playback(p) for p in loads] == [Access.ALLOW, Access.DENY]
+
+
+def test_check_now_without_waiting_leaves_a_busy_check_to_its_thread(policy_dir: Path) -> None:
+    write(policy_dir / "90-default.yaml", ALLOW)
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow_loader(directory: Path) -> Policy:
+        inside.set()
+        assert release.wait(TIMEOUT_S)
+        return load_policy_dir(directory)
+
+    watcher = PolicyWatcher(policy_dir, loader=slow_loader)
+    busy = threading.Thread(target=watcher.check_now)
+    busy.start()
+    try:
+        assert inside.wait(TIMEOUT_S)
+        # Another thread holds the check: an event loop is not held up by it.
+        assert watcher.check_now(wait=False) is False
+    finally:
+        release.set()
+        busy.join()
+    assert playback(watcher.policy) is Access.ALLOW
+    write(policy_dir / "90-default.yaml", DENY)
+    assert watcher.check_now(wait=False) is True, "free, it checks like check_now()"
 
 
 def test_context_manager_stops_the_thread(policy_dir: Path) -> None:

@@ -25,6 +25,7 @@ import pytest
 from qvaudio import vchan
 from qvaudio.transport import (
     DEFAULT_PORT,
+    GUEST_FORMS,
     Address,
     Listener,
     PeerUnavailable,
@@ -101,7 +102,7 @@ def test_parse_bad_addresses_name_the_accepted_forms(text: str) -> None:
     message = str(info.value)
     assert repr(text) in message
     if "must be" not in message and "path" not in message:
-        assert "xen:DOMID[:PORT], vsock:CID:PORT or unix:PATH" in message
+        assert GUEST_FORMS in message
 
 
 @pytest.mark.parametrize("text", ["xen:5:4790", "vsock:2:4790", "unix:/tmp/x.sock"])

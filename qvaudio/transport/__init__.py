@@ -36,6 +36,7 @@ from qvaudio.transport.base import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "GUEST_FORMS",
     "Address",
     "Listener",
     "PeerUnavailable",
@@ -60,8 +61,10 @@ MAX_XEN_PORT: Final = 65535
 MAX_VSOCK: Final = 0xFFFFFFFE  # 0xFFFFFFFF is the "any" wildcard for CIDs and ports
 UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes including the NUL
 
-# qrexec: is left out: it is a guest-only form, named in its own errors.
-FORMS: Final = "xen:DOMID[:PORT], vsock:CID:PORT or unix:PATH"
+#: Every form `parse_address` accepts, for its errors and the guest's help
+#: (only the guest names its peer with an address; dom0 finds its VMs).
+GUEST_FORMS: Final = "xen:DOMID[:PORT], vsock:CID:PORT, unix:PATH or qrexec:[TARGET[:SERVICE]]"
+FORMS: Final = GUEST_FORMS
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def _number(text: str, what: str, low: int, high: int, original: str) -> int:
 
 
 def parse_address(text: str) -> Address:
-    """Parse ``xen:DOMID[:PORT]``, ``vsock:CID:PORT`` or ``unix:PATH``; ValueError if bad."""
+    """Parse one of GUEST_FORMS; ValueError if bad."""
     scheme, sep, rest = text.partition(":")
     if not sep:
         raise ValueError(f"bad address {text!r}: expected {FORMS}")
