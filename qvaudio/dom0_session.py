@@ -63,8 +63,11 @@ from qvaudio.protocol import (
 class StartPlayback:
     """Open the VM's stream on the host audio server.
 
-    `initial_volume` is the stream's starting mixer volume (0.0-1.0) relative
-    to the cap already applied to the samples.
+    `initial_volume` is the stream's starting mixer volume as pulsectl takes
+    it (the mixer's percent / 100). Both policy volumes are the mixer's
+    percent: the cap is already in the samples, so the stream starts at
+    default / max of its own range and sounds as loud as any application at
+    the mixer's `default` (docs/policy.md).
     """
 
     format: AudioFormat
@@ -141,8 +144,12 @@ class Limits:
     capture_stall_timeout: float = 5.0
     position_interval: float = 0.25
     idle_position_interval: float = 1.0
-    #: Audio buffered in dom0 for the host stream, per VM. Beyond it the oldest
-    #: audio is dropped: late audio is worse than a skip, and memory stays bounded.
+    #: The least audio dom0 queues for a VM's host stream. The bound itself
+    #: (`VmSession.playback_queue_limit`) is the larger of this and the jitter
+    #: reserve + 2 x `trim_margin_ms` + `host_buffer_ms`, which the host takes
+    #: in blocks: 80 ms at the defaults, 170 ms with the reserve at its most.
+    #: Beyond it the oldest audio is dropped: late audio is worse than a skip,
+    #: and memory stays bounded.
     playback_queue_ms: int = 60
     #: The host stream's buffer: audio arriving later than this after the
     #: previous audio played out means the host ran dry (an underrun).
@@ -839,8 +846,10 @@ class VmSession:
         if not self._host_opens.take(1, now):
             return self._too_many_host_opens()
         settings = self._playback.settings
-        cap = settings.volume_max.value
-        initial = 1.0 if cap == 0 else min(1.0, settings.volume_default.value / cap)
+        cap, default = settings.volume_max.value, settings.volume_default.value
+        # The mixer's scale is cubic in amplitude for the stream and for the
+        # cap alike, so the two multiply as percents: slider x cap = default.
+        initial = 1.0 if cap == 0 else min(1.0, default / cap)
         self.playback_active = True
         self._pcm_tokens = None
         self._playout_end = None
@@ -988,7 +997,10 @@ class VmSession:
                 "rule": self._playback.reason,
                 "active": self.playback_active,
                 "format": str(pfmt) if pfmt else None,
+                "volume_default": self._playback.settings.volume_default.value,
                 "volume_max": self._playback.settings.volume_max.value,
+                # Set while playback waits out a refusal by the host server.
+                "host_refused": self._host_refused_reason if self._host_retry_at else None,
                 "jitter_buffer_ms": self.jitter_ms,
                 "corked": self.conn.corked,
                 "latency_us": self._host.playback_latency_us,

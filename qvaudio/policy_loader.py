@@ -46,6 +46,12 @@ DEFAULT_POLICY_DIR = Path("/etc/qvaudio/policy.d")
 SOURCE_POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
 POLICY_DIR_ENV = "QVAUDIO_POLICY_DIR"
 POLICY_SUFFIX = ".yaml"
+#: How the default is found, for help texts and man pages: the same words on
+#: every machine, never the path of the checkout a page was built in.
+POLICY_DIR_DEFAULT_HELP = (
+    f"${POLICY_DIR_ENV}, else {DEFAULT_POLICY_DIR}, else policy/ of the source checkout "
+    f"it runs from when {DEFAULT_POLICY_DIR} does not exist"
+)
 
 ROOT_KEYS = ("rules",)
 RULE_KEYS = ("vm", "playback", "capture", "volume", "formats")
@@ -383,6 +389,16 @@ def _strict_problem(st: os.stat_result, what: str, trusted_uids: frozenset[int])
     return None
 
 
+def directory_problem(directory: Path, trusted_uids: frozenset[int] | None = None) -> str | None:
+    """Why strict mode refuses `directory` as a whole (owner, mode), or None.
+
+    The loader's own judgement, for `policy set`: a file written into a
+    directory the agent refuses would never be read.
+    """
+    trusted = default_trusted_uids() if trusted_uids is None else trusted_uids
+    return _strict_problem(os.stat(directory), "directory", trusted)
+
+
 def policy_files(directory: Path) -> list[Path]:
     """The `*.yaml` files a directory contributes, in reading (byte-wise name) order.
 
@@ -435,7 +451,7 @@ def _expand(
         if not stat.S_ISDIR(st.st_mode):
             files.append(path)
             continue
-        why = _strict_problem(st, "directory", trusted) if strict else None
+        why = directory_problem(path, trusted) if strict else None
         if why is not None:
             problems.append(PolicyProblem(str(path), None, why))
             continue

@@ -43,7 +43,7 @@ rules:
     capture: attach-on-request
   - vm: quiet
     playback: allow
-    volume: {default: 50, max: 50}
+    volume: {default: 40, max: 50}
   - vm: open-mic
     playback: allow
     capture: allow

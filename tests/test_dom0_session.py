@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import logging
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -140,10 +141,13 @@ def test_volume_cap_is_applied_to_the_samples() -> None:
     h.negotiate(capture=None)
     (start,) = h.of(StartPlayback)
     assert start.format == S16
-    assert start.initial_volume == pytest.approx(0.4)  # default 20% of a 50% cap
+    # Both are the mixer's percent (default 20, max 50): the samples are scaled
+    # as the mixer's 50 % would, 0.5 ** 3, and the stream starts at 20/50 of
+    # its own range, so it sounds like the mixer's 20 %.
+    assert start.initial_volume == pytest.approx(0.4)
     (play,) = h.send(PlaybackData(tone(S16, amplitude=32767)))
     assert isinstance(play, Play)
-    assert peak(play.pcm, S16) == pytest.approx(0.5, abs=0.001)
+    assert peak(play.pcm, S16) == pytest.approx(0.125, abs=0.001)
 
 
 def test_float_pcm_is_sanitised_even_uncapped() -> None:
@@ -414,11 +418,29 @@ def test_identity_comes_from_the_shell_only() -> None:
         "rule": "playback deny: no rule for 'untrusted' sets it",
         "active": False,
         "format": None,
+        "volume_default": 100,
         "volume_max": 100,
+        "host_refused": None,
         "jitter_buffer_ms": 10,
         "corked": False,
         "latency_us": 0,
     }
+
+
+@pytest.mark.parametrize(
+    ("host_ms", "reserve_ms", "bound_ms"),
+    # docs/xen.md: reserve + 40 ms + the host stream's latency, at least 60 ms.
+    [(60, 10, 110), (60, 100, 200), (30, 10, 80), (5, 0, 60)],
+)
+def test_playback_queue_bound_is_the_one_docs_state(
+    host_ms: int, reserve_ms: int, bound_ms: int
+) -> None:
+    h = Harness(ALLOW_ALL, limits=Limits(host_buffer_ms=host_ms, jitter_start_ms=reserve_ms))
+    h.negotiate(capture=None)
+    h.session.jitter_ms = reserve_ms
+    assert h.session.playback_queue_limit() == S16.bytes_for_ms(bound_ms)
+    xen_md = " ".join((Path(__file__).parent.parent / "docs" / "xen.md").read_text().split())
+    assert "That is 110 ms with `--latency-ms 60` (200 ms with the reserve at its most)" in xen_md
 
 
 def test_limits_are_configurable() -> None:
