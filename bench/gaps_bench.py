@@ -8,7 +8,7 @@ same time (so the wall clock is N minutes, not 3N, and all three see the same
 machine load). In each VM an ordinary client (pa_simple, 100 ms buffer)
 plays a 1 kHz sine at half scale into the default sink; the host sink's
 monitor is recorded and every silent run of 1 ms or more
-(`qvaudio.tone.gaps(..., min_gap_ms=1)`) is a gap. The recording is analysed
+(`qvaudio.core.tone.gaps(..., min_gap_ms=1)`) is a gap. The recording is analysed
 every 10 s, carrying the samples since the last sound into the next block,
 so memory stays bounded and a gap across two blocks counts once. The VM
 sink's monitor is analysed the same way as a control: a gap there is the
@@ -44,7 +44,7 @@ from bench.pipeline import (
     play,
     running,
 )
-from qvaudio.tone import decode_mono, find_offset, gaps, generate_sine
+from qvaudio.core.tone import decode_mono, find_offset, gaps, generate_sine
 
 TONE_HZ = 1000.0
 MIN_GAP_MS = 1.0

@@ -42,7 +42,7 @@ from typing import Any
 
 import pulsectl
 
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.core.formats import AudioFormat, SampleFormat
 from tests.audio_daemons import AudioServer, PipeWireServer, PulseAudioServer
 from tests.guest_peer import Dom0Peer
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.pipeline import load_average, machine
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.protocol import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import (
     CaptureRequest,
     FormatAccept,
     FormatOffer,
@@ -42,7 +42,7 @@ from qvaudio.protocol import (
     StreamKind,
     encode,
 )
-from qvaudio.tone import decode_mono, find_offset, find_onset, gaps
+from qvaudio.core.tone import decode_mono, find_offset, find_onset, gaps
 from tests.audio_daemons import PulseAudioServer
 from tests.dom0_harness import S16, Dom0
 from tests.fake_guest import FakeGuest, lower_priority

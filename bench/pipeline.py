@@ -1,7 +1,7 @@
 """Shared parts of the whole-pipeline benchmarks (latency, gaps, scale, revocation).
 
 One "VM" PulseAudio and one "host" PulseAudio per method, both private
-daemons (qvaudio.private_pulse), and three ways to carry what the VM plays to
+daemons (qvaudio.pulse.private), and three ways to carry what the VM plays to
 the host: qvaudio's two agents over the Unix-socket transport, a
 `parec | pacat` bridge, and PulseAudio's own `module-tunnel-sink`. Not a
 benchmark itself; the bench_* scripts import it.
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qvaudio.control import ControlError, request
-from qvaudio.formats import DEFAULT_FORMAT, AudioFormat
-from qvaudio.private_pulse import SINK, PrivatePulse
-from qvaudio.pulse_pcm import PcmStream
+from qvaudio.core.formats import DEFAULT_FORMAT, AudioFormat
+from qvaudio.dom0.control import ControlError, request
+from qvaudio.pulse.pcm import PcmStream
+from qvaudio.pulse.private import SINK, PrivatePulse
 
 FMT: AudioFormat = DEFAULT_FORMAT
 REPO = Path(__file__).resolve().parent.parent

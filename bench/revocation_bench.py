@@ -49,10 +49,8 @@ from bench.pipeline import (
     wait_for,
     write_policy,
 )
-from qvaudio.control import request
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.private_pulse import SINK, PrivatePulse
-from qvaudio.protocol import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -61,8 +59,10 @@ from qvaudio.protocol import (
     StreamKind,
     StreamStatus,
 )
-from qvaudio.pulse_pcm import PcmStream, PulseError
-from qvaudio.tone import generate_sine
+from qvaudio.core.tone import generate_sine
+from qvaudio.dom0.control import request
+from qvaudio.pulse.pcm import PcmStream, PulseError
+from qvaudio.pulse.private import SINK, PrivatePulse
 from tests.fake_guest import FakeGuest
 
 VM = "work"

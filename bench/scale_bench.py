@@ -46,10 +46,10 @@ from bench.pipeline import (
     wait_for,
     write_policy,
 )
-from qvaudio.control import ControlError, request
-from qvaudio.private_pulse import PrivatePulse
-from qvaudio.protocol import FormatAccept, PlaybackData, encode
-from qvaudio.tone import generate_sine
+from qvaudio.core.protocol import FormatAccept, PlaybackData, encode
+from qvaudio.core.tone import generate_sine
+from qvaudio.dom0.control import ControlError, request
+from qvaudio.pulse.private import PrivatePulse
 from tests.fake_guest import FakeGuest
 
 SETTLE_S = 3.0

@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from qvaudio import __version__
-from qvaudio.config import (
+from qvaudio.common.config import (
     CONFIG_DEFAULT_HELP,
     ConfigError,
     Dom0Settings,
@@ -39,17 +39,12 @@ from qvaudio.config import (
     load_config,
     parse_vsock_map,
 )
-from qvaudio.control import ControlServer, default_socket_path
-from qvaudio.cost import LogLimiter
-from qvaudio.dom0_discovery import (
-    Discovery,
-    Target,
-    UnixDirDiscovery,
-    VsockDiscovery,
-    XenDiscovery,
-)
-from qvaudio.dom0_host import HostCapture, HostPlayback
-from qvaudio.dom0_session import (
+from qvaudio.common.extras import require
+from qvaudio.common.log import raise_priority, setup_logging
+from qvaudio.common.notify import Notifier
+from qvaudio.common.sdnotify import sd_notify, watchdog_interval
+from qvaudio.core.cost import LogLimiter
+from qvaudio.core.dom0_session import (
     Action,
     Backoff,
     Disconnect,
@@ -64,14 +59,19 @@ from qvaudio.dom0_session import (
     StopPlayback,
     VmSession,
 )
-from qvaudio.extras import require
-from qvaudio.log import raise_priority, setup_logging
-from qvaudio.notify import Notifier
-from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
-from qvaudio.policy_loader import POLICY_DIR_DEFAULT_HELP, default_policy_dir
-from qvaudio.policy_watch import PolicyWatcher
-from qvaudio.protocol import GoodbyeCode
-from qvaudio.sdnotify import sd_notify, watchdog_interval
+from qvaudio.core.policy import Access, Direction, Policy, VmIdentity, evaluate
+from qvaudio.core.protocol import GoodbyeCode
+from qvaudio.dom0.control import ControlServer, default_socket_path
+from qvaudio.dom0.discovery import (
+    Discovery,
+    Target,
+    UnixDirDiscovery,
+    VsockDiscovery,
+    XenDiscovery,
+)
+from qvaudio.dom0.host import HostCapture, HostPlayback
+from qvaudio.dom0.policy_loader import POLICY_DIR_DEFAULT_HELP, default_policy_dir
+from qvaudio.dom0.policy_watch import PolicyWatcher
 from qvaudio.transport import UnixAddress, connect
 from qvaudio.transport.base import PeerUnavailable, Stream, StreamClosed, TransportError
 from qvaudio.transport.qrexec import HandoffListener, default_handoff_path
@@ -628,7 +628,7 @@ class Dom0Agent:
             self._post("mic", (name, link.capture, chunk))
 
     def _pulse_connect(self) -> Any:
-        from qvaudio.pulse_devices import connect as pulse_connect
+        from qvaudio.pulse.devices import connect as pulse_connect
 
         return pulse_connect("qvaudio-dom0", self.server)
 

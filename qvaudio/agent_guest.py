@@ -1,6 +1,6 @@
 """`qvaudio-guest`: run inside a VM; carries what the VM plays to dom0, and dom0's microphone back.
 
-The command line and configuration; the work is `qvaudio.guest_loop.GuestAgent`.
+The command line and configuration; the work is `qvaudio.guest.loop.GuestAgent`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qvaudio import __version__
-from qvaudio.config import (
+from qvaudio.common.config import (
     CONFIG_DEFAULT_HELP,
     ConfigError,
     GuestSettings,
@@ -21,8 +21,8 @@ from qvaudio.config import (
     flag_type,
     load_config,
 )
-from qvaudio.guest_loop import GuestAgent
-from qvaudio.log import raise_priority, setup_logging
+from qvaudio.common.log import raise_priority, setup_logging
+from qvaudio.guest.loop import GuestAgent
 from qvaudio.transport import GUEST_FORMS
 
 log = logging.getLogger(__name__)

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from qvaudio import __version__
 from qvaudio.cli_policy import add_policy_parser
-from qvaudio.config import (
+from qvaudio.common.config import (
     CONFIG_DEFAULT_HELP,
     Config,
     ConfigError,
     default_config_path,
     load_config,
 )
-from qvaudio.control import ControlError, default_socket_path, request
+from qvaudio.dom0.control import ControlError, default_socket_path, request
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qvaudio.policy import SETTINGS, Policy, VmIdentity, resolve, shadowed_rules
-from qvaudio.policy_edit import PolicyEditError, set_vm_setting
-from qvaudio.policy_loader import (
+from qvaudio.core.policy import SETTINGS, Policy, VmIdentity, resolve, shadowed_rules
+from qvaudio.dom0.policy_edit import PolicyEditError, set_vm_setting
+from qvaudio.dom0.policy_loader import (
     POLICY_DIR_DEFAULT_HELP,
     PolicyLoadError,
     default_policy_dir,

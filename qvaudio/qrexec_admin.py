@@ -18,8 +18,8 @@ import re
 import sys
 from typing import Any, BinaryIO, TextIO
 
-from qvaudio.control import ControlError, default_socket_path, request
-from qvaudio.log import OneLineFormatter
+from qvaudio.common.log import OneLineFormatter
+from qvaudio.dom0.control import ControlError, default_socket_path, request
 
 log = logging.getLogger("qvaudio.admin")
 

@@ -17,10 +17,8 @@ from typing import Any
 import pulsectl
 import pytest
 
-from qvaudio.control import request
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.pulse_pcm import PcmStream
-from qvaudio.tone import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.tone import (
     decode_mono,
     estimate_frequency,
     find_offset,
@@ -29,6 +27,8 @@ from qvaudio.tone import (
     generate_sine,
     nonsilent_fraction,
 )
+from qvaudio.dom0.control import request
+from qvaudio.pulse.pcm import PcmStream
 from tests.audio_daemons import NULL_SINK, PulseAudioServer
 from tests.fake_guest import FakeGuest
 from tests.waiting import WaitTimeout, wait_until

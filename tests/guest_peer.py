@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from qvaudio.connection import Connection
-from qvaudio.formats import AudioFormat
-from qvaudio.protocol import (
+from qvaudio.core.connection import Connection
+from qvaudio.core.formats import AudioFormat
+from qvaudio.core.protocol import (
     CaptureData,
     CaptureState,
     Event,

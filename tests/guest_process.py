@@ -24,9 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.protocol import FormatAccept
-from qvaudio.tone import generate_sine
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import FormatAccept
+from qvaudio.core.tone import generate_sine
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
 ROOT = Path(__file__).resolve().parent.parent

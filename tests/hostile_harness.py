@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qvaudio.pulse_pcm import PcmStream
-from qvaudio.tone import decode_mono, find_offset, find_onset, gaps
+from qvaudio.core.tone import decode_mono, find_offset, find_onset, gaps
+from qvaudio.pulse.pcm import PcmStream
 from tests.audio_daemons import NULL_SINK
 from tests.dom0_harness import S16, Dom0, start_null_sink_clock_once_dom0_plays
 from tests.fake_guest import FakeGuest, lower_priority

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio.pulse_pcm import PcmStream, PulseError
-from qvaudio.tone import generate_sine
+from qvaudio.core.tone import generate_sine
+from qvaudio.pulse.pcm import PcmStream, PulseError
 from tests.audio_daemons import NULL_SINK, PulseAudioServer
 from tests.dom0_harness import S16, Dom0
 from tests.waiting import wait_until

@@ -17,8 +17,7 @@ from typing import Any
 import pulsectl
 import pytest
 
-from qvaudio.control import request
-from qvaudio.protocol import (
+from qvaudio.core.protocol import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -29,8 +28,9 @@ from qvaudio.protocol import (
     PlaybackState,
     StreamStatus,
 )
-from qvaudio.pulse_pcm import PcmStream
-from qvaudio.tone import decode_mono, generate_sine
+from qvaudio.core.tone import decode_mono, generate_sine
+from qvaudio.dom0.control import request
+from qvaudio.pulse.pcm import PcmStream
 from tests.audio_daemons import NULL_SINK, PulseAudioServer
 from tests.dom0_harness import (
     MONO,
@@ -307,9 +307,9 @@ SIGHUP_INSIDE_A_RELOAD = """
 import os, signal, sys, time
 from pathlib import Path
 from typing import Any
-import qvaudio.policy_watch as policy_watch
+import qvaudio.dom0.policy_watch as policy_watch
 from qvaudio.agent_dom0 import Dom0Agent
-from qvaudio.config import Dom0Settings
+from qvaudio.common.config import Dom0Settings
 
 base = Path(sys.argv[1])
 real_loader = policy_watch.load_policy_dir

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
-from qvaudio.connection import Connection
-from qvaudio.protocol import (
+from qvaudio.core.connection import Connection
+from qvaudio.core.protocol import (
     Event,
     FormatAccept,
     FormatOffer,

@@ -23,10 +23,12 @@ from typing import Any
 import pulsectl
 import pytest
 
-from qvaudio import guest_devices, pulse_devices, tone
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.guest_loop import STATUS_EVERY_S
-from qvaudio.protocol import CaptureRequest, Cork, Goodbye, StreamStatus
+from qvaudio.core import tone
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import CaptureRequest, Cork, Goodbye, StreamStatus
+from qvaudio.guest import devices as guest_devices
+from qvaudio.guest.loop import STATUS_EVERY_S
+from qvaudio.pulse import devices as pulse_devices
 from tests.audio_daemons import NULL_SINK, AudioServer
 from tests.guest_peer import Dom0Peer
 from tests.waiting import wait_until

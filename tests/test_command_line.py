@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from qvaudio import __version__, agent_dom0, agent_guest, cli
-from qvaudio.config import DOM0_BOUNDS, GUEST_BOUNDS, Bounds, Dom0Settings
-from qvaudio.extras import missing_message
+from qvaudio.common.config import DOM0_BOUNDS, GUEST_BOUNDS, Bounds, Dom0Settings
+from qvaudio.common.extras import missing_message
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio import config as config_module
-from qvaudio.config import (
+from qvaudio.common import config as config_module
+from qvaudio.common.config import (
     DOM0_BOUNDS,
     GUEST_BOUNDS,
     SOURCE_CONFIG_PATH,
@@ -19,7 +19,7 @@ from qvaudio.config import (
     parse_config,
     parse_vsock_map,
 )
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.core.formats import AudioFormat, SampleFormat
 
 
 def test_shipped_config_is_valid_and_matches_the_defaults() -> None:
@@ -75,7 +75,7 @@ def test_every_problem_is_reported_with_its_line() -> None:
 )
 def test_settings_refuse_what_the_file_refuses(settings: type, name: str, bounds: object) -> None:
     """No route (file, flag or code) gets a value past its range to an agent."""
-    from qvaudio.config import Bounds
+    from qvaudio.common.config import Bounds
 
     assert isinstance(bounds, Bounds)
     step = 1 if bounds.whole else 0.05

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvaudio.connection import Connection, ConnectionState
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.protocol import (
+from qvaudio.core.connection import Connection, ConnectionState
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import (
     CaptureData,
     CaptureRequest,
     CaptureState,

@@ -1,11 +1,11 @@
-"""The cost meters of qvaudio/cost.py and the one-line log formatter, without I/O."""
+"""The cost meters of qvaudio/core/cost.py and the one-line log formatter, without I/O."""
 
 from __future__ import annotations
 
 import logging
 
-from qvaudio.cost import LogLimiter, TokenBucket, log_key
-from qvaudio.log import OneLineFormatter, escape
+from qvaudio.common.log import OneLineFormatter, escape
+from qvaudio.core.cost import LogLimiter, TokenBucket, log_key
 
 WARN = logging.WARNING
 

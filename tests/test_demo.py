@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from qvaudio.private_pulse import PrivatePulse
-from qvaudio.pulse_devices import connect
+from qvaudio.pulse.devices import connect
+from qvaudio.pulse.private import PrivatePulse
 from tests.reaper import marked_pids
 from tests.waiting import wait_until
 

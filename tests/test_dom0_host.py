@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from qvaudio import tone
-from qvaudio.dom0_host import HostPlayback
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.core import tone
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.dom0.host import HostPlayback
 from tests.audio_daemons import PulseAudioServer
 from tests.dom0_harness import start_null_sink_clock_once_dom0_plays
 

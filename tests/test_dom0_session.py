@@ -9,8 +9,8 @@ from typing import TypeVar
 
 import pytest
 
-from qvaudio.connection import Connection
-from qvaudio.dom0_session import (
+from qvaudio.core.connection import Connection
+from qvaudio.core.dom0_session import (
     Action,
     Backoff,
     Disconnect,
@@ -25,11 +25,10 @@ from qvaudio.dom0_session import (
     StopPlayback,
     VmSession,
 )
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.gain import peak
-from qvaudio.policy import Policy, VmIdentity
-from qvaudio.policy_loader import parse_policy_text
-from qvaudio.protocol import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.gain import peak
+from qvaudio.core.policy import Policy, VmIdentity
+from qvaudio.core.protocol import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -50,6 +49,7 @@ from qvaudio.protocol import (
     encode,
     encode_pcm,
 )
+from qvaudio.dom0.policy_loader import parse_policy_text
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
 F32 = AudioFormat(48000, SampleFormat.F32LE, 2)

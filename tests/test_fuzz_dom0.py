@@ -17,11 +17,10 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qvaudio.dom0_session import Disconnect, Play, Send, StartPlayback, VmSession
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.policy import Policy, VmIdentity
-from qvaudio.policy_loader import parse_policy_text
-from qvaudio.protocol import (
+from qvaudio.core.dom0_session import Disconnect, Play, Send, StartPlayback, VmSession
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.policy import Policy, VmIdentity
+from qvaudio.core.protocol import (
     MAX_FRAME,
     CaptureRequest,
     Cork,
@@ -33,6 +32,7 @@ from qvaudio.protocol import (
     StreamKind,
     encode,
 )
+from qvaudio.dom0.policy_loader import parse_policy_text
 
 EXAMPLES = int(os.environ.get("QVAUDIO_FUZZ_EXAMPLES", "3000"))
 POLICIES = [

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.gain import apply_gain, peak, percent_to_gain
-from qvaudio.tone import decode_mono, generate_sine
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.gain import apply_gain, peak, percent_to_gain
+from qvaudio.core.tone import decode_mono, generate_sine
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
 F32 = AudioFormat(48000, SampleFormat.F32LE, 2)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from qvaudio.guest_outbox import Outbox
-from qvaudio.protocol import Cork, PlaybackData, encode
+from qvaudio.core.protocol import Cork, PlaybackData, encode
+from qvaudio.guest.outbox import Outbox
 
 
 class Pipe:

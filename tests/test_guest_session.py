@@ -5,9 +5,9 @@ from __future__ import annotations
 import array
 import dataclasses
 
-from qvaudio.connection import Connection
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.guest_session import (
+from qvaudio.core.connection import Connection
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.guest_session import (
     Action,
     Disconnect,
     GuestConfig,
@@ -23,7 +23,7 @@ from qvaudio.guest_session import (
     idle_method,
     sink_suspension,
 )
-from qvaudio.protocol import (
+from qvaudio.core.protocol import (
     CaptureData,
     CaptureRequest,
     CaptureState,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.protocol import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import (
     FormatAccept,
     FormatOffer,
     Goodbye,

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.protocol import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import (
     CaptureRequest,
     FormatAccept,
     FormatOffer,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pulsectl
 
-from qvaudio.protocol import FormatAccept, FormatRefuse
-from qvaudio.tone import (
+from qvaudio.core.protocol import FormatAccept, FormatRefuse
+from qvaudio.core.tone import (
     decode_mono,
     find_offset,
     find_onset,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio.notify import Notifier
-from qvaudio.sdnotify import sd_notify, watchdog_interval
+from qvaudio.common.notify import Notifier
+from qvaudio.common.sdnotify import sd_notify, watchdog_interval
 
 
 def test_sd_notify_sends_to_the_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from qvaudio.control import request
-from qvaudio.notify import Notifier
-from qvaudio.protocol import CaptureRequest, CaptureState, FormatAccept, StreamStatus
+from qvaudio.common.notify import Notifier
+from qvaudio.core.protocol import CaptureRequest, CaptureState, FormatAccept, StreamStatus
+from qvaudio.dom0.control import request
 from tests.dom0_harness import MONO, S16, Dom0
 from tests.notification_daemon import NotificationDaemon
 

@@ -15,10 +15,8 @@ import time
 
 import pulsectl
 
-from qvaudio.control import request
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.pulse_pcm import PcmStream
-from qvaudio.tone import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.tone import (
     decode_mono,
     find_offset,
     find_onset,
@@ -26,6 +24,8 @@ from qvaudio.tone import (
     generate_sine,
     nonsilent_fraction,
 )
+from qvaudio.dom0.control import request
+from qvaudio.pulse.pcm import PcmStream
 from tests.audio_daemons import NULL_SINK
 from tests.dom0_harness import S16, pitch, record_monitor, write_policy
 from tests.pipeline_harness import Pipeline

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.policy import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.policy import (
     Access,
     Direction,
     Origin,
@@ -21,7 +21,7 @@ from qvaudio.policy import (
     resolve,
     shadowed_rules,
 )
-from qvaudio.policy_loader import parse_policy_text
+from qvaudio.dom0.policy_loader import parse_policy_text
 
 
 def policy_from(*files: tuple[str, str]) -> Policy:

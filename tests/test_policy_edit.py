@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio import policy_edit
-from qvaudio.policy import Access, Direction, VmIdentity, evaluate
-from qvaudio.policy_edit import (
+from qvaudio.core.policy import Access, Direction, VmIdentity, evaluate
+from qvaudio.dom0 import policy_edit
+from qvaudio.dom0.policy_edit import (
     PolicyEditError,
     edit_policy_text,
     format_value,
     set_vm_setting,
     vm_policy_path,
 )
-from qvaudio.policy_loader import PolicyLoadError, load_policy_dir, parse_policy_text
+from qvaudio.dom0.policy_loader import PolicyLoadError, load_policy_dir, parse_policy_text
 
 COMMENTED = """\
 # My work VM. I want to be asked before it records.

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio.policy import Access, Direction, VmIdentity, evaluate
-from qvaudio.policy_loader import (
+from qvaudio.core.policy import Access, Direction, VmIdentity, evaluate
+from qvaudio.core.safe_yaml import MAX_FILE_BYTES
+from qvaudio.dom0.policy_loader import (
     PolicyLoadError,
     load_policy_dir,
     load_policy_paths,
     parse_policy_text,
     policy_files,
 )
-from qvaudio.safe_yaml import MAX_FILE_BYTES
 
 CORPUS = Path(__file__).parent / "policy_corpus"
 BAD = sorted((CORPUS / "bad").glob("*.yaml"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio.policy import Access, Direction, Policy, VmIdentity, evaluate
-from qvaudio.policy_loader import load_policy_dir
-from qvaudio.policy_watch import PolicyWatcher
+from qvaudio.core.policy import Access, Direction, Policy, VmIdentity, evaluate
+from qvaudio.dom0.policy_loader import load_policy_dir
+from qvaudio.dom0.policy_watch import PolicyWatcher
 from tests.waiting import wait_until
 
 WORK = VmIdentity("work")
@@ -83,7 +83,7 @@ def test_invalid_edit_keeps_last_good_and_logs_file_line(
     write(path, ALLOW)
     watcher.start()
     good = watcher.policy
-    caplog.set_level(logging.ERROR, logger="qvaudio.policy_watch")
+    caplog.set_level(logging.ERROR, logger="qvaudio.dom0.policy_watch")
     write(path, "rules:\n  - vm: '*'\n    playback: maybe\n")
     expected = f"{path}:3: playback must be one of allow, deny, got 'maybe'"
     wait_until(lambda: expected in caplog.messages, f"{expected!r} in the log", TIMEOUT_S)
@@ -110,7 +110,7 @@ def test_unsafe_permissions_keep_last_good(policy_dir: Path, watcher: PolicyWatc
 def test_never_valid_denies_everything(
     policy_dir: Path, watcher: PolicyWatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="qvaudio.policy_watch")
+    caplog.set_level(logging.ERROR, logger="qvaudio.dom0.policy_watch")
     write(policy_dir / "90-default.yaml", "rules:\n  - vm: '*'\n    playback: [allow]\n")
     watcher.start()
     assert not watcher.ever_loaded

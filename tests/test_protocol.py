@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.protocol import (
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.protocol import (
     MAX_FRAME,
     MAX_PAYLOAD,
     MAX_REASON_BYTES,

@@ -9,11 +9,11 @@ from typing import Any
 import pulsectl
 import pytest
 
-from qvaudio import pulse_devices as devices
-from qvaudio import tone
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.pulse_devices import DeviceState
-from qvaudio.pulse_pcm import PcmStream
+from qvaudio.core import tone
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.pulse import devices
+from qvaudio.pulse.devices import DeviceState
+from qvaudio.pulse.pcm import PcmStream
 from tests.audio_daemons import NULL_SINK, AudioServer
 from tests.test_pulse_pcm import Recorder
 from tests.waiting import wait_until

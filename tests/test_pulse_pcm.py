@@ -13,9 +13,11 @@ from pathlib import Path
 import pulsectl
 import pytest
 
-from qvaudio import guest_devices, pulse_devices, tone
-from qvaudio.formats import CHANNEL_POSITIONS, MAX_CHANNELS, AudioFormat, SampleFormat
-from qvaudio.pulse_pcm import PcmStream, PulseError, strerror
+from qvaudio.core import tone
+from qvaudio.core.formats import CHANNEL_POSITIONS, MAX_CHANNELS, AudioFormat, SampleFormat
+from qvaudio.guest import devices as guest_devices
+from qvaudio.pulse import devices as pulse_devices
+from qvaudio.pulse.pcm import PcmStream, PulseError, strerror
 from tests.audio_daemons import AudioServer, PulseAudioServer
 
 STEREO_S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
@@ -336,9 +338,9 @@ def test_a_stream_opened_alongside_never_takes_anothers_properties(
 # Run in a child process: the bug this guards against was a segfault.
 _STREAMS_AND_CONTEXTS_AT_ONCE = """
 import sys, threading, time
-from qvaudio.formats import AudioFormat, SampleFormat
-from qvaudio.pulse_devices import connect
-from qvaudio.pulse_pcm import PcmStream
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.pulse.devices import connect
+from qvaudio.pulse.pcm import PcmStream
 
 server, seconds = sys.argv[1], float(sys.argv[2])
 fmt = AudioFormat(48000, SampleFormat.S16LE, 2)

@@ -377,7 +377,7 @@ def test_units_say_what_the_agents_do() -> None:
         text = (REPO / "systemd" / f"qvaudio-{agent}.service").read_text()
         lines = set(text.splitlines())
         for needed in (
-            "Type=notify",  # both agents send READY=1 (qvaudio/sdnotify.py)
+            "Type=notify",  # both agents send READY=1 (qvaudio/common/sdnotify.py)
             "Restart=on-failure",
             "ConditionUser=!root",
             "PartOf=graphical-session.target",

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from qvaudio import tone
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.core import tone
+from qvaudio.core.formats import AudioFormat, SampleFormat
 
 RATE = 48000
 MONO_F32 = AudioFormat(RATE, SampleFormat.F32LE, 1)

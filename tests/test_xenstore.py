@@ -1,4 +1,4 @@
-"""qvaudio.xenstore: pure parsing and diffing, then the real xenstored (tests/xenstored.py)."""
+"""qvaudio.dom0.xenstore: pure parsing and diffing, then the real xenstored (tests/xenstored.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from qvaudio.xenstore import (
+from qvaudio.dom0.xenstore import (
     DomainAdded,
     DomainEvent,
     DomainRemoved,

@@ -191,8 +191,8 @@ def default_device(kind: str) -> str:
 
 def tone_file(freq: float, seconds: float, channels: int) -> Path:
     """A cached raw s16le tone at RATE, amplitude 0.5."""
-    from qvaudio.formats import AudioFormat
-    from qvaudio.tone import generate_sine
+    from qvaudio.core.formats import AudioFormat
+    from qvaudio.core.tone import generate_sine
 
     path = Path(f"/tmp/tone-{freq:g}-{seconds:g}-{channels}.raw")
     if not path.exists():
@@ -212,8 +212,8 @@ def start_pacat(freq: float, seconds: float, device: str | None = None) -> subpr
 
 def analyse(pcm: bytes, channels: int, freq: float) -> dict[str, Any]:
     """Onset, length, frequency and non-silent fraction of a recorded tone."""
-    from qvaudio.formats import AudioFormat
-    from qvaudio.tone import (
+    from qvaudio.core.formats import AudioFormat
+    from qvaudio.core.tone import (
         decode_mono,
         estimate_frequency,
         find_offset,
@@ -552,7 +552,7 @@ class Dom0Driver:
 
     # -- helpers
     def status(self) -> dict[str, Any]:
-        from qvaudio.control import ControlError, request
+        from qvaudio.dom0.control import ControlError, request
 
         try:
             return request(CONTROL, {"cmd": "status"}, timeout=5)
@@ -1082,18 +1082,18 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     import yaml  # noqa: F401
 
     import qvaudio.agent_guest
-    import qvaudio.pulse_pcm
-    import qvaudio.tone
+    import qvaudio.core.tone
+    import qvaudio.pulse.pcm
     import qvaudio.vchan
 
     qvaudio.vchan.load_library()
-    qvaudio.pulse_pcm._load()
+    qvaudio.pulse.pcm._load()
     if args.image == "dom0":
         import numpy  # noqa: F401
 
         import qvaudio.agent_dom0
         import qvaudio.cli
-        import qvaudio.gain
+        import qvaudio.core.gain
     log(f"SMOKE OK {args.image}")
     return 0
 

@@ -1,7 +1,7 @@
 """Optional dependencies: which extra brings each one, and one line when one is missing.
 
 `pip install qvaudio` gives everything the guest needs. numpy is dom0's
-alone (its volume caps, `qvaudio.gain`): every VM runs a guest agent, and
+alone (its volume caps, `qvaudio.core.gain`): every VM runs a guest agent, and
 none of them should carry numpy for nothing. Modules import optional
 packages where they use them, never at the top, so that every command's
 `--help` and `--version` work without them; a command that does need one

@@ -12,7 +12,7 @@ second of 48 kHz stereo, numpy about 0.1 ms, which is what lets one dom0
 agent serve dozens of VMs. It is imported where it is used, not at the top:
 importing this module (as everything of dom0's does) must work without it,
 so that `qvaudio-dom0 --help` does, and the agent says what to install
-(`qvaudio.extras`) instead of failing with a traceback. Once imported, the
+(`qvaudio.common.extras`) instead of failing with a traceback. Once imported, the
 import statements cost a dictionary look-up per call.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.core.formats import AudioFormat, SampleFormat
 
 _DTYPE_CODES = {
     SampleFormat.S16LE: "<i2",

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from qvaudio.formats import MAX_CHANNELS, MIN_CHANNELS, SUPPORTED_RATES, SampleFormat
-from qvaudio.policy import (
+from qvaudio.core.formats import MAX_CHANNELS, MIN_CHANNELS, SUPPORTED_RATES, SampleFormat
+from qvaudio.core.policy import (
     CAPTURE_VALUES,
     PLAYBACK_VALUES,
     Access,
@@ -37,13 +37,13 @@ from qvaudio.policy import (
     VmMatcher,
     VmPatternError,
 )
-from qvaudio.safe_yaml import MAX_FILE_BYTES
-from qvaudio.safe_yaml import Refused as _Refused
-from qvaudio.safe_yaml import compose as _compose
+from qvaudio.core.safe_yaml import MAX_FILE_BYTES
+from qvaudio.core.safe_yaml import Refused as _Refused
+from qvaudio.core.safe_yaml import compose as _compose
 
 DEFAULT_POLICY_DIR = Path("/etc/qvaudio/policy.d")
 #: The policy shipped in a source checkout, used when nothing is installed.
-SOURCE_POLICY_DIR = Path(__file__).resolve().parent.parent / "policy"
+SOURCE_POLICY_DIR = Path(__file__).resolve().parents[2] / "policy"
 POLICY_DIR_ENV = "QVAUDIO_POLICY_DIR"
 POLICY_SUFFIX = ".yaml"
 #: How the default is found, for help texts and man pages: the same words on

@@ -23,8 +23,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from qvaudio.formats import AudioFormat
-from qvaudio.protocol import (
+from qvaudio.core.formats import AudioFormat
+from qvaudio.core.protocol import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     SENDERS,

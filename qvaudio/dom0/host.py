@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from qvaudio.formats import AudioFormat
-from qvaudio.pulse_pcm import PcmStream, PulseError
+from qvaudio.core.formats import AudioFormat
+from qvaudio.pulse.pcm import PcmStream, PulseError
 
 log = logging.getLogger(__name__)
 

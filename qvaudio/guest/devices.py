@@ -11,7 +11,7 @@ microphone. When the server goes away (restart, crash) it reconnects with
 back-off and recreates the devices. It reports to the agent's main loop only
 through `post`, never by touching the loop's state. On PulseAudio it also
 keeps the virtual output suspended while no application plays into it (see
-`qvaudio.guest_session.IdleMethod`): it is the first to hear that a stream
+`qvaudio.core.guest_session.IdleMethod`): it is the first to hear that a stream
 appeared, so resuming there adds no hop through the main loop.
 """
 
@@ -30,10 +30,10 @@ from typing import Any, Final
 import pulsectl
 import pulsectl._pulsectl
 
-from qvaudio import pulse_devices
-from qvaudio.formats import AudioFormat
-from qvaudio.guest_session import IdleMethod, idle_method, sink_suspension
-from qvaudio.pulse_devices import Pulse
+from qvaudio.core.formats import AudioFormat
+from qvaudio.core.guest_session import IdleMethod, idle_method, sink_suspension
+from qvaudio.pulse import devices as pulse_devices
+from qvaudio.pulse.devices import Pulse
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ import logging
 from dataclasses import dataclass
 from enum import Enum
 
-from qvaudio.actions import Log as Log  # re-exported: the shells import actions from here
-from qvaudio.actions import Notify as Notify
-from qvaudio.actions import Send as Send
-from qvaudio.connection import Connection, ConnectionState
-from qvaudio.formats import AudioFormat
-from qvaudio.protocol import (
+from qvaudio.core.actions import Log as Log  # re-exported: the shells import actions from here
+from qvaudio.core.actions import Notify as Notify
+from qvaudio.core.actions import Send as Send
+from qvaudio.core.connection import Connection, ConnectionState
+from qvaudio.core.formats import AudioFormat
+from qvaudio.core.protocol import (
     CaptureData,
     CaptureRequest,
     CaptureState,

@@ -23,8 +23,8 @@ from typing import Any, Final
 
 import pulsectl
 
-from qvaudio.formats import AudioFormat
-from qvaudio.pulse_pcm import ENV_LOCK
+from qvaudio.core.formats import AudioFormat
+from qvaudio.pulse.pcm import ENV_LOCK
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Bytes go in and events come out (`Decoder.feed`); events go in and bytes come
 out (`encode`). Which events may be sent when is the job of
-`qvaudio.connection`; this module only knows what a well-formed frame is and
+`qvaudio.core.connection`; this module only knows what a well-formed frame is and
 who may send which kind. The byte layout is described in docs/protocol.md.
 
 Every frame is a 4-byte header followed by a payload:
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Final, TypeVar
 
-from qvaudio.formats import AudioFormat, FormatError, SampleFormat
+from qvaudio.core.formats import AudioFormat, FormatError, SampleFormat
 
 PROTOCOL_VERSION: Final = 1
 MIN_PROTOCOL_VERSION: Final = 1

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from qvaudio.formats import MAX_CHANNELS, SUPPORTED_RATES, AudioFormat, SampleFormat
+from qvaudio.core.formats import MAX_CHANNELS, SUPPORTED_RATES, AudioFormat, SampleFormat
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)

@@ -20,20 +20,20 @@ from pathlib import Path
 
 import yaml
 
-from qvaudio.formats import SampleFormat
-from qvaudio.policy import (
+from qvaudio.core.formats import SampleFormat
+from qvaudio.core.policy import (
     CAPTURE_VALUES,
     PLAYBACK_VALUES,
     SETTINGS,
     VM_NAME_RE,
     Rule,
 )
-from qvaudio.policy_loader import (
+from qvaudio.core.safe_yaml import MAX_FILE_BYTES
+from qvaudio.dom0.policy_loader import (
     compose_policy_yaml,
     directory_problem,
     parse_policy_text,
 )
-from qvaudio.safe_yaml import MAX_FILE_BYTES
 
 #: Per-VM files sort before the shipped 90-default.yaml, so they override it.
 VM_FILE_PREFIX = "30-"

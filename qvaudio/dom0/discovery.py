@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from qvaudio.policy import VmIdentity
-from qvaudio.transport import Address, UnixAddress, VsockAddress, XenAddress
-from qvaudio.xenstore import (
+from qvaudio.core.policy import VmIdentity
+from qvaudio.dom0.xenstore import (
     DomainAdded,
     DomainRemoved,
     DomainUpdated,
@@ -32,6 +31,7 @@ from qvaudio.xenstore import (
     XenStoreError,
     validate_name,
 )
+from qvaudio.transport import Address, UnixAddress, VsockAddress, XenAddress
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from qvaudio.config import Config, ConfigError, default_config_path, load_config
-from qvaudio.control import ControlError, request
-from qvaudio.formats import DEFAULT_FORMAT, AudioFormat
-from qvaudio.policy import Access
-from qvaudio.policy_loader import DEFAULT_POLICY_DIR, POLICY_DIR_ENV, SOURCE_POLICY_DIR
-from qvaudio.private_pulse import SINK, PrivatePulse, PulseUnavailable, die_with_parent, log_tail
+from qvaudio.common.config import Config, ConfigError, default_config_path, load_config
+from qvaudio.core.formats import DEFAULT_FORMAT, AudioFormat
+from qvaudio.core.policy import Access
+from qvaudio.dom0.control import ControlError, request
+from qvaudio.dom0.policy_loader import DEFAULT_POLICY_DIR, POLICY_DIR_ENV, SOURCE_POLICY_DIR
+from qvaudio.pulse.private import SINK, PrivatePulse, PulseUnavailable, die_with_parent, log_tail
 
 VM_NAME = "demo-vm"
 FREQ = 440.0
@@ -300,7 +300,7 @@ class _Demo:
 
     def _run(self, keep: IO[bytes] | None) -> dict[str, Any]:
         try:
-            from qvaudio.pulse_pcm import PcmStream, PulseError
+            from qvaudio.pulse.pcm import PcmStream, PulseError
         except (ImportError, OSError) as exc:
             raise DemoError(f"the PulseAudio client library is missing: {exc}") from None
         args, facts, base = self.args, self.facts, self.base
@@ -466,7 +466,7 @@ class _Recorder:
     def _run(self) -> None:
         period = self._fmt.bytes_for_ms(10)
         try:
-            from qvaudio.pulse_pcm import PcmStream
+            from qvaudio.pulse.pcm import PcmStream
 
             with PcmStream.record(
                 self._server, self._device, self._fmt, "qvaudio-demo", "listen", period
@@ -482,7 +482,7 @@ class _Recorder:
 
 
 def generate_tone(fmt: AudioFormat, seconds: float) -> bytes:
-    from qvaudio.tone import generate_sine
+    from qvaudio.core.tone import generate_sine
 
     return generate_sine(FREQ, fmt, seconds, amplitude=0.5)
 
@@ -490,7 +490,7 @@ def generate_tone(fmt: AudioFormat, seconds: float) -> bytes:
 def _measure(
     recorded: bytes, fmt: AudioFormat, arrivals: list[float], play_t0: float
 ) -> dict[str, Any]:
-    from qvaudio.tone import (
+    from qvaudio.core.tone import (
         decode_mono,
         estimate_frequency,
         find_offset,
@@ -544,7 +544,7 @@ def _pulsectl() -> Any:
 def _check_your_server(server: str | None) -> None:
     """Fail at once, in one line, when --speakers has no audio server to play to."""
     pulsectl = _pulsectl()
-    from qvaudio.pulse_devices import connect
+    from qvaudio.pulse.devices import connect
 
     try:
         with connect("qvaudio-demo", server):
@@ -560,7 +560,7 @@ def _check_your_server(server: str | None) -> None:
 
 def _default_sink_is(vm: PrivatePulse, sink: str) -> bool:
     pulsectl = _pulsectl()
-    from qvaudio.pulse_devices import connect
+    from qvaudio.pulse.devices import connect
 
     try:
         with connect("qvaudio-demo", vm.server) as pulse:
@@ -572,8 +572,8 @@ def _default_sink_is(vm: PrivatePulse, sink: str) -> bool:
 def _stream_monitor(server: str | None, dom0_pid: int) -> str | None:
     """The monitor of the sink that the demo's dom0 plays the VM to, once it does."""
     pulsectl = _pulsectl()
-    from qvaudio.dom0_host import VM_PROPERTY
-    from qvaudio.pulse_devices import connect
+    from qvaudio.dom0.host import VM_PROPERTY
+    from qvaudio.pulse.devices import connect
 
     try:
         with connect("qvaudio-demo", server) as pulse:
@@ -593,7 +593,7 @@ def _stream_monitor(server: str | None, dom0_pid: int) -> str | None:
 
 def _default_monitor(server: str | None) -> str:
     pulsectl = _pulsectl()
-    from qvaudio.pulse_devices import connect
+    from qvaudio.pulse.devices import connect
 
     try:
         with connect("qvaudio-demo", server) as pulse:

@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from qvaudio.formats import AudioFormat
-from qvaudio.guest_devices import STREAM_TOKEN_KEY, end_stream, restart_sink_clock
-from qvaudio.pulse_pcm import PcmStream, PulseError
+from qvaudio.core.formats import AudioFormat
+from qvaudio.guest.devices import STREAM_TOKEN_KEY, end_stream, restart_sink_clock
+from qvaudio.pulse.pcm import PcmStream, PulseError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class MonitorReader:
 
     An idle monitor delivers nothing at all (on PulseAudio the sink is
     suspended; on PipeWire a `passive` stream is paused with the graph, see
-    `qvaudio.guest_session.IdleMethod`) and the thread sleeps in C until an
+    `qvaudio.core.guest_session.IdleMethod`) and the thread sleeps in C until an
     application plays.
     """
 

@@ -25,13 +25,21 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from qvaudio.actions import Log, Notify, Send
-from qvaudio.connection import Connection, ConnectionState
-from qvaudio.cost import TokenBucket
-from qvaudio.formats import AudioFormat
-from qvaudio.gain import apply_gain, percent_to_gain
-from qvaudio.policy import Access, Decision, Direction, Policy, VmIdentity, choose_format, evaluate
-from qvaudio.protocol import (
+from qvaudio.core.actions import Log, Notify, Send
+from qvaudio.core.connection import Connection, ConnectionState
+from qvaudio.core.cost import TokenBucket
+from qvaudio.core.formats import AudioFormat
+from qvaudio.core.gain import apply_gain, percent_to_gain
+from qvaudio.core.policy import (
+    Access,
+    Decision,
+    Direction,
+    Policy,
+    VmIdentity,
+    choose_format,
+    evaluate,
+)
+from qvaudio.core.protocol import (
     MAX_PAYLOAD,
     CaptureData,
     CaptureRequest,

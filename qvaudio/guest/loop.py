@@ -4,10 +4,10 @@
 `selectors` loop over the transport listener, the connection to dom0, and a
 mailbox that the worker threads post to:
 
-* `AudioServerWatcher` (qvaudio.guest_devices): creates the virtual output
+* `AudioServerWatcher` (qvaudio.guest.devices): creates the virtual output
   and microphone, reports how many applications use them, reconnects to the
   audio server when it restarts;
-* `MonitorReader` (qvaudio.guest_pcm_threads): records the virtual output's
+* `MonitorReader` (qvaudio.guest.pcm_threads): records the virtual output's
   monitor while dom0 takes playback;
 * `MicWriter`: plays dom0's microphone audio into the virtual microphone
   (open while dom0 is connected, for the same reason as the monitor below).
@@ -24,7 +24,7 @@ an application's stream appears (the stream's audio waits for the resume);
 the monitor delivers nothing meanwhile and the reader sleeps in C. On
 PipeWire the monitor stream is passive, so the server pauses it whenever no
 application's stream keeps the graph running
-(`qvaudio.guest_session.IdleMethod`).
+(`qvaudio.core.guest_session.IdleMethod`).
 """
 
 from __future__ import annotations
@@ -41,21 +41,11 @@ from typing import Any, Final
 
 import pulsectl
 
-from qvaudio import pulse_devices
-from qvaudio.config import GuestSettings
-from qvaudio.formats import AudioFormat
-from qvaudio.guest_devices import (
-    AudioServerWatcher,
-    DeviceSpec,
-    DevicesReady,
-    GuestDevices,
-    ServerLost,
-    Usage,
-    UsageChanged,
-)
-from qvaudio.guest_outbox import Outbox
-from qvaudio.guest_pcm_threads import Mailbox, MicWriter, MonitorAudio, MonitorFailed, MonitorReader
-from qvaudio.guest_session import (
+from qvaudio.common.config import GuestSettings
+from qvaudio.common.notify import Notifier
+from qvaudio.common.sdnotify import sd_notify, watchdog_interval
+from qvaudio.core.formats import AudioFormat
+from qvaudio.core.guest_session import (
     Action,
     Disconnect,
     GuestConfig,
@@ -70,10 +60,20 @@ from qvaudio.guest_session import (
     StartMonitor,
     StopMonitor,
 )
-from qvaudio.guest_status import StatusFile, default_status_path
-from qvaudio.notify import Notifier
-from qvaudio.pulse_devices import backing_sink_name
-from qvaudio.sdnotify import sd_notify, watchdog_interval
+from qvaudio.guest.devices import (
+    AudioServerWatcher,
+    DeviceSpec,
+    DevicesReady,
+    GuestDevices,
+    ServerLost,
+    Usage,
+    UsageChanged,
+)
+from qvaudio.guest.outbox import Outbox
+from qvaudio.guest.pcm_threads import Mailbox, MicWriter, MonitorAudio, MonitorFailed, MonitorReader
+from qvaudio.guest.status import StatusFile, default_status_path
+from qvaudio.pulse import devices as pulse_devices
+from qvaudio.pulse.devices import backing_sink_name
 from qvaudio.transport import Listener, Stream, StreamClosed, TransportError, listen, parse_address
 
 log = logging.getLogger(__name__)

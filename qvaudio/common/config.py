@@ -24,13 +24,13 @@ from typing import Any, Final, Literal, TypeVar
 
 import yaml
 
-from qvaudio.formats import DEFAULT_FORMAT, AudioFormat, FormatError, SampleFormat
-from qvaudio.safe_yaml import Refused, compose
+from qvaudio.core.formats import DEFAULT_FORMAT, AudioFormat, FormatError, SampleFormat
+from qvaudio.core.safe_yaml import Refused, compose
 from qvaudio.transport import DEFAULT_PORT, parse_address
 
 DEFAULT_CONFIG_PATH = Path("/etc/qvaudio/qvaudio.yaml")
 #: The default config shipped in a source checkout, used when nothing is installed.
-SOURCE_CONFIG_PATH = Path(__file__).resolve().parent.parent / "qvaudio.yaml"
+SOURCE_CONFIG_PATH = Path(__file__).resolve().parents[2] / "qvaudio.yaml"
 CONFIG_ENV = "QVAUDIO_CONFIG"
 #: How the default is found, for help texts and man pages: the same words on
 #: every machine (a path computed here would put the build machine's checkout

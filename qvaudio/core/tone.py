@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.core.formats import AudioFormat, SampleFormat
 
 # array type code and full-scale value per sample format. "i" is 32-bit on
 # every platform CPython supports with 4-byte C ints, which Linux guarantees.

@@ -54,7 +54,7 @@ from typing import Any, Final, Self
 
 import cffi
 
-from qvaudio.formats import AudioFormat, SampleFormat
+from qvaudio.core.formats import AudioFormat, SampleFormat
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from qvaudio.policy import Policy
-from qvaudio.policy_loader import POLICY_SUFFIX, PolicyLoadError, PolicyProblem, load_policy_dir
+from qvaudio.core.policy import Policy
+from qvaudio.dom0.policy_loader import (
+    POLICY_SUFFIX,
+    PolicyLoadError,
+    PolicyProblem,
+    load_policy_dir,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Shells both agents use: configuration, logging, notifications, systemd, optional packages."""

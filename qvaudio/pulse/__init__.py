@@ -1,0 +1,1 @@
+"""PulseAudio and PipeWire: PCM streams (libpulse-simple), devices (pulsectl), private daemons."""
