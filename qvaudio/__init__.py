@@ -6,3 +6,7 @@ before the audio reaches the host mixer. See docs/architecture.md.
 """
 
 __version__ = "0.1.0"
+
+from qvaudio.core.errors import QvaudioError
+
+__all__ = ["QvaudioError", "__version__"]

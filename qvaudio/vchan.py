@@ -35,6 +35,8 @@ from typing import Any, Final, NoReturn
 
 import cffi
 
+from qvaudio.core.errors import QvaudioError
+
 log = logging.getLogger(__name__)
 
 #: Try the release we test against first, then newer, then older ones, then the
@@ -68,7 +70,7 @@ _XENSTORE_PATHS: Final = (
 
 
 # --------------------------------------------------------------------- errors
-class VchanError(OSError):
+class VchanError(QvaudioError, OSError):
     """A libxenvchan call failed. ``errno`` is the C errno (0 if it set none)."""
 
     def __init__(self, err: int, message: str, hint: str = "") -> None:

@@ -12,6 +12,7 @@ or move the code.
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from functools import cache
 from pathlib import Path
@@ -203,3 +204,21 @@ def test_relative_imports_are_resolved() -> None:
     assert resolve_imports("from . import devices\n", "qvaudio.pulse", package=True) == {
         "qvaudio.pulse.devices"
     }
+
+
+def test_every_public_error_derives_from_qvaudio_error() -> None:
+    from qvaudio import QvaudioError
+
+    loose = []
+    for name in modules():
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, Exception)
+                and value.__module__ == name
+                and not attr.startswith("_")
+                and not issubclass(value, QvaudioError)
+            ):
+                loose.append(f"{name}.{attr}")
+    assert loose == [], f"errors that do not derive from QvaudioError: {loose}"

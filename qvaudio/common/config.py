@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import yaml
 
+from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import DEFAULT_FORMAT, AudioFormat, FormatError, SampleFormat
 from qvaudio.core.safe_yaml import Refused, compose
 from qvaudio.transport import DEFAULT_PORT, parse_address
@@ -46,7 +47,7 @@ DEVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]+")
 T = TypeVar("T")
 
 
-class ConfigError(Exception):
+class ConfigError(QvaudioError):
     """The config was refused; each of `problems` reads `file:line: what is wrong`."""
 
     def __init__(self, *problems: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from qvaudio.core.errors import QvaudioError
+
 SUPPORTED_RATES: tuple[int, ...] = (44100, 48000)
 MIN_CHANNELS = 1
 MAX_CHANNELS = 8
@@ -67,7 +69,7 @@ class SampleFormat(enum.IntEnum):
             raise ValueError(f"unknown sample format {text!r} (expected one of {names})") from None
 
 
-class FormatError(ValueError):
+class FormatError(QvaudioError, ValueError):
     """A format outside what qvaudio carries."""
 
 

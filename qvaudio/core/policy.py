@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import MAX_CHANNELS, SUPPORTED_RATES, AudioFormat, SampleFormat
 
 T = TypeVar("T")
@@ -62,7 +63,7 @@ SETTINGS: tuple[str, ...] = (
 )
 
 
-class VmPatternError(ValueError):
+class VmPatternError(QvaudioError, ValueError):
     """A `vm:` value that is neither a name, a glob nor a tag."""
 
 

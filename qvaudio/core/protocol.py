@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Final, TypeVar
 
+from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import AudioFormat, FormatError, SampleFormat
 
 PROTOCOL_VERSION: Final = 1
@@ -101,7 +102,7 @@ class FrameType(enum.IntEnum):
     POSITION = 0x40
 
 
-class ProtocolError(Exception):
+class ProtocolError(QvaudioError):
     """Base of the protocol's errors; `code` is what a goodbye should carry."""
 
     def __init__(self, message: str, code: GoodbyeCode = GoodbyeCode.PROTOCOL_ERROR) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import yaml
 
+from qvaudio.core.errors import QvaudioError
+
 MAX_FILE_BYTES = 256 * 1024
 MAX_DEPTH = 8
 
 
-class Refused(Exception):
+class Refused(QvaudioError):
     """A YAML file we cannot read past: `line` (1-based, or None) and why."""
 
     def __init__(self, line: int | None, message: str) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from qvaudio.common.config import Config, ConfigError, default_config_path, load_config
+from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import DEFAULT_FORMAT, AudioFormat
 from qvaudio.core.policy import Access
 from qvaudio.dom0.control import ControlError, request
@@ -68,7 +69,7 @@ rules:
 T = TypeVar("T")
 
 
-class DemoError(Exception):
+class DemoError(QvaudioError):
     """Something the person running the demo can act on."""
 
 

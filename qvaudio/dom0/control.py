@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qvaudio.core.errors import QvaudioError
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
@@ -32,7 +34,7 @@ CLIENT_TIMEOUT = 3.0
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class ControlError(Exception):
+class ControlError(QvaudioError):
     """The agent could not be reached, or refused the request."""
 
 

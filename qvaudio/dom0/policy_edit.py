@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import SampleFormat
 from qvaudio.core.policy import (
     CAPTURE_VALUES,
@@ -39,7 +40,7 @@ from qvaudio.dom0.policy_loader import (
 VM_FILE_PREFIX = "30-"
 
 
-class PolicyEditError(Exception):
+class PolicyEditError(QvaudioError):
     """The edit was refused; nothing was written."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import MAX_CHANNELS, MIN_CHANNELS, SUPPORTED_RATES, SampleFormat
 from qvaudio.core.policy import (
     CAPTURE_VALUES,
@@ -78,7 +79,7 @@ class PolicyProblem:
         return f"{self.file}:{self.line}: {self.message}"
 
 
-class PolicyLoadError(Exception):
+class PolicyLoadError(QvaudioError):
     """The policy was refused; `problems` lists every reason found."""
 
     def __init__(self, problems: Sequence[PolicyProblem]) -> None:

@@ -28,6 +28,8 @@ from typing import Any, Final
 import pyxs
 import pyxs.exceptions
 
+from qvaudio.core.errors import QvaudioError
+
 log = logging.getLogger(__name__)
 
 # The toolstack writes identity nodes from dom0; a node owned by anyone else
@@ -55,7 +57,7 @@ _UINT_RE: Final = re.compile(rb"[0-9]{1,10}")
 _PATH_RE: Final = re.compile(r"/[A-Za-z0-9_@/-]*")
 
 
-class XenStoreError(Exception):
+class XenStoreError(QvaudioError):
     """XenStore could not be used; `hint` says what to check."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
@@ -67,7 +69,7 @@ class XenStoreError(Exception):
         return f"{self.message}: {self.hint}" if self.hint else self.message
 
 
-class InvalidName(ValueError):
+class InvalidName(QvaudioError, ValueError):
     """A domain name that must not be used for policy or display."""
 
 

@@ -54,6 +54,7 @@ from typing import Any, Final, Self
 
 import cffi
 
+from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import AudioFormat, SampleFormat
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _load() -> tuple[Any, Any]:
         return _libs
 
 
-class PulseError(Exception):
+class PulseError(QvaudioError):
     """A libpulse call failed; `code` is the PA_ERR_* value, `message` pa_strerror's text."""
 
     def __init__(self, code: int, message: str, action: str) -> None:

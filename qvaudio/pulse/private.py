@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qvaudio.core.errors import QvaudioError
+
 SINK = "null"
 #: prctl(2) option: the signal a process gets when the thread that started it ends.
 PR_SET_PDEATHSIG = 1
 
 
-class PulseUnavailable(RuntimeError):
+class PulseUnavailable(QvaudioError, RuntimeError):
     """PulseAudio is not installed or would not start; the message says which."""
 
 

@@ -20,6 +20,8 @@ import enum
 from types import TracebackType
 from typing import Self
 
+from qvaudio.core.errors import QvaudioError
+
 
 class StreamState(enum.Enum):
     WAITING = "waiting"  # set up, the peer has not connected yet
@@ -27,7 +29,7 @@ class StreamState(enum.Enum):
     CLOSED = "closed"  # closed here, or the peer went away
 
 
-class TransportError(Exception):
+class TransportError(QvaudioError):
     """A transport failed; ``hint`` says what a person can do about it."""
 
     def __init__(self, message: str, hint: str = "") -> None:
