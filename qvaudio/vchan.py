@@ -36,6 +36,7 @@ from typing import Any, Final, NoReturn
 import cffi
 
 from qvaudio.core.errors import QvaudioError
+from qvaudio.core.xen import MAX_DOMID, XENBUS_PATH, XENSTORED_ENV, XENSTORED_SOCKETS, vchan_path
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ SONAMES: Final[tuple[str, ...]] = (
 ENV_LIBRARY: Final = "QVAUDIO_LIBXENVCHAN"
 #: libxenvchan refuses rings larger than this (each direction).
 MAX_RING_SIZE: Final = 1 << 20
-#: Domain ids at and above DOMID_FIRST_RESERVED (0x7FF0) are not real domains.
-MAX_DOMID: Final = 0x7FEF
 
 _INSTALL_HINT: Final = (
     "install libxenvchan: Debian/Ubuntu package libxenmisc4.17 (or the one matching "
@@ -62,11 +61,7 @@ _NO_XENSTORE_HINT: Final = "no XenStore reachable (not in a Xen domain, or xenst
 _GNTALLOC = "/dev/xen/gntalloc"  # module attributes, so tests can point them elsewhere
 _GNTDEV = "/dev/xen/gntdev"
 _EVTCHN = "/dev/xen/evtchn"
-_XENSTORE_PATHS: Final = (
-    "/run/xenstored/socket",
-    "/var/run/xenstored/socket",
-    "/dev/xen/xenbus",
-)
+_XENSTORE_PATHS: Final = (*XENSTORED_SOCKETS, XENBUS_PATH)
 
 
 # --------------------------------------------------------------------- errors
@@ -158,7 +153,7 @@ def _free(ptr: Any) -> None:
 
 # ------------------------------------------------------------ error checking
 def _xenstore_reachable() -> bool:
-    override = os.environ.get("XENSTORED_PATH")
+    override = os.environ.get(XENSTORED_ENV)
     paths = (override, *_XENSTORE_PATHS) if override else _XENSTORE_PATHS
     return any(os.path.exists(p) for p in paths)
 
@@ -242,11 +237,6 @@ class VchanState(enum.Enum):
     CLOSED = 0
     CONNECTED = 1
     WAITING_FOR_PEER = 2  # a server whose client has not connected yet
-
-
-def vchan_path(server_domid: int, client_domid: int, port: int) -> str:
-    """The conventional XenStore directory where a server publishes its ring."""
-    return f"/local/domain/{server_domid}/data/vchan/{client_domid}/{port}"
 
 
 def _check_domid(name: str, value: int) -> None:

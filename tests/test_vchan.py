@@ -22,6 +22,7 @@ import cffi
 import pytest
 
 from qvaudio import vchan
+from qvaudio.core.xen import vchan_path
 from qvaudio.transport.base import StreamClosed, StreamState, TransportError
 from qvaudio.transport.xen import XenListener, XenStream
 from qvaudio.vchan import (
@@ -227,7 +228,7 @@ def test_domid_out_of_range_is_refused() -> None:
 
 
 def test_conventional_path() -> None:
-    assert vchan.vchan_path(GUEST, 0, PORT) == GUEST_PATH
+    assert vchan_path(GUEST, 0, PORT) == GUEST_PATH
 
 
 # ------------------------------------------------------------ struct layout

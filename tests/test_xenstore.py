@@ -1,4 +1,4 @@
-"""qvaudio.dom0.xenstore: pure parsing and diffing, then the real xenstored (tests/xenstored.py)."""
+"""XenStore: pure parsing and diffing (core.domains), then the real xenstored (dom0.xenstore)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,16 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from qvaudio.dom0.xenstore import (
+from qvaudio.core.domains import (
     DomainAdded,
     DomainEvent,
     DomainRemoved,
     DomainUpdated,
-    DomainWatcher,
     InvalidName,
     MetadataLayout,
     Snapshot,
     VchanPublished,
     VmInfo,
-    XenStore,
-    XenStoreError,
-    default_socket_path,
     diff_snapshots,
     parse_domid,
     parse_label,
@@ -34,6 +30,7 @@ from qvaudio.dom0.xenstore import (
     parse_tags,
     validate_name,
 )
+from qvaudio.dom0.xenstore import DomainWatcher, XenStore, XenStoreError, default_socket_path
 from tests.waiting import wait_until
 from tests.xenstored import XenstoredProcess, XenstoreSim
 

@@ -29,7 +29,8 @@ import pytest
 import pyxs
 from pyxs._internal import Op
 
-from qvaudio.dom0.xenstore import MetadataLayout, XenStore
+from qvaudio.core.domains import MetadataLayout
+from qvaudio.dom0.xenstore import XenStore
 from tests.waiting import WaitTimeout, wait_until
 
 SHIM_SOURCE = Path(__file__).parent / "xen" / "fakexen.c"

@@ -19,18 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from qvaudio.core.policy import VmIdentity
-from qvaudio.dom0.xenstore import (
+from qvaudio.core.domains import (
     DomainAdded,
     DomainRemoved,
     DomainUpdated,
-    DomainWatcher,
     InvalidName,
     VchanPublished,
-    XenStore,
-    XenStoreError,
     validate_name,
 )
+from qvaudio.core.policy import VmIdentity
+from qvaudio.dom0.xenstore import DomainWatcher, XenStore, XenStoreError
 from qvaudio.transport import Address, UnixAddress, VsockAddress, XenAddress
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from qvaudio.core.xen import MAX_DOMID
 from qvaudio.transport.base import (
     Listener,
     PeerUnavailable,
@@ -56,7 +57,6 @@ __all__ = [
 
 #: qvaudio's vchan port; Qubes's audio uses 4713/4714, so both can coexist.
 DEFAULT_PORT: Final = 4790
-MAX_DOMID: Final = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 MAX_XEN_PORT: Final = 65535
 MAX_VSOCK: Final = 0xFFFFFFFE  # 0xFFFFFFFF is the "any" wildcard for CIDs and ports
 UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes including the NUL

@@ -14,6 +14,7 @@ import selectors
 from collections.abc import Callable
 from typing import Final
 
+from qvaudio.core.xen import XENBUS_PATH, vchan_path
 from qvaudio.transport.base import (
     Listener,
     PeerUnavailable,
@@ -31,12 +32,10 @@ from qvaudio.vchan import (
     VchanPeerNotFoundError,
     VchanState,
     XenUnavailableError,
-    vchan_path,
 )
 
 log = logging.getLogger(__name__)
 
-XENBUS_PATH: Final = "/dev/xen/xenbus"
 #: Each direction; audio at 48 kHz, 16 bit, stereo fills 64 KiB in ~340 ms.
 DEFAULT_RING_SIZE: Final = 65536
 
