@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qvaudio.core.policy import SETTINGS, Policy, VmIdentity, resolve, shadowed_rules
+from qvaudio.core.policy_parser import PolicyLoadError
 from qvaudio.dom0.policy_edit import PolicyEditError, set_vm_setting
 from qvaudio.dom0.policy_loader import (
     POLICY_DIR_DEFAULT_HELP,
-    PolicyLoadError,
     default_policy_dir,
     load_policy_dir,
     load_policy_paths,

@@ -45,7 +45,12 @@ IO_MODULES = {
 #: Third-party modules that talk to the outside world.
 IO_PACKAGES = {"cffi", "pulsectl", "pyxs"}
 #: The core's modules that are dom0's alone: what a VM may do and who a VM is.
-DOM0_CORE = {"qvaudio.core.policy", "qvaudio.core.dom0_session", "qvaudio.core.domains"}
+DOM0_CORE = {
+    "qvaudio.core.policy",
+    "qvaudio.core.dom0_session",
+    "qvaudio.core.domains",
+    "qvaudio.core.policy_parser",
+}
 #: The shells both agents share, which may import neither side.
 SHARED = ("qvaudio.transport", "qvaudio.pulse", "qvaudio.common", "qvaudio.vchan")
 

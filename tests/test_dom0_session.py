@@ -28,6 +28,7 @@ from qvaudio.core.dom0_session import (
 from qvaudio.core.formats import AudioFormat, SampleFormat
 from qvaudio.core.gain import peak
 from qvaudio.core.policy import Policy, VmIdentity
+from qvaudio.core.policy_parser import parse_policy_text
 from qvaudio.core.protocol import (
     CaptureData,
     CaptureRequest,
@@ -49,7 +50,6 @@ from qvaudio.core.protocol import (
     encode,
     encode_pcm,
 )
-from qvaudio.dom0.policy_loader import parse_policy_text
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
 F32 = AudioFormat(48000, SampleFormat.F32LE, 2)

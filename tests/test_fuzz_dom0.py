@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from qvaudio.core.dom0_session import Disconnect, Play, Send, StartPlayback, VmSession
 from qvaudio.core.formats import AudioFormat, SampleFormat
 from qvaudio.core.policy import Policy, VmIdentity
+from qvaudio.core.policy_parser import parse_policy_text
 from qvaudio.core.protocol import (
     MAX_FRAME,
     CaptureRequest,
@@ -32,7 +33,6 @@ from qvaudio.core.protocol import (
     StreamKind,
     encode,
 )
-from qvaudio.dom0.policy_loader import parse_policy_text
 
 EXAMPLES = int(os.environ.get("QVAUDIO_FUZZ_EXAMPLES", "3000"))
 POLICIES = [

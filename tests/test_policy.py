@@ -8,6 +8,8 @@ import pytest
 
 from qvaudio.core.formats import AudioFormat, SampleFormat
 from qvaudio.core.policy import (
+    POLICY_SETTINGS,
+    SETTINGS,
     Access,
     Direction,
     Origin,
@@ -16,12 +18,13 @@ from qvaudio.core.policy import (
     VmIdentity,
     VmMatcher,
     VmPatternError,
+    VmSettings,
     choose_format,
     evaluate,
     resolve,
     shadowed_rules,
 )
-from qvaudio.dom0.policy_loader import parse_policy_text
+from qvaudio.core.policy_parser import parse_policy_text
 
 
 def policy_from(*files: tuple[str, str]) -> Policy:
@@ -285,3 +288,12 @@ def test_shadowed_rules_reports_per_vm_file_sorting_after_default() -> None:
 
 def test_shadowed_rules_ignores_rules_that_still_decide_something() -> None:
     assert shadowed_rules(policy_from(*LAYERED)) == ()
+
+
+def test_one_table_names_every_setting_of_a_rule_and_of_a_vm() -> None:
+    # The loader, `policy show` and `policy set` read POLICY_SETTINGS: a new
+    # setting added to the model but not the table would be silently ignored.
+    table = {s.field for s in POLICY_SETTINGS}
+    assert table == {f.name for f in dataclasses.fields(Rule)} - {"origin", "vm"}
+    assert table == {f.name for f in dataclasses.fields(VmSettings)} - {"vm", "matched"}
+    assert tuple(s.name for s in POLICY_SETTINGS) == SETTINGS

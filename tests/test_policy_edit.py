@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from qvaudio.core.policy import Access, Direction, VmIdentity, evaluate
+from qvaudio.core.policy_parser import PolicyLoadError, parse_policy_text
 from qvaudio.dom0 import policy_edit
 from qvaudio.dom0.policy_edit import (
     PolicyEditError,
@@ -16,7 +17,7 @@ from qvaudio.dom0.policy_edit import (
     set_vm_setting,
     vm_policy_path,
 )
-from qvaudio.dom0.policy_loader import PolicyLoadError, load_policy_dir, parse_policy_text
+from qvaudio.dom0.policy_loader import load_policy_dir
 
 COMMENTED = """\
 # My work VM. I want to be asked before it records.

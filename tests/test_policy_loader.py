@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from qvaudio.core.policy import Access, Direction, VmIdentity, evaluate
+from qvaudio.core.policy_parser import PolicyLoadError, parse_policy_text
 from qvaudio.core.safe_yaml import MAX_FILE_BYTES
-from qvaudio.dom0.policy_loader import (
-    PolicyLoadError,
-    load_policy_dir,
-    load_policy_paths,
-    parse_policy_text,
-    policy_files,
-)
+from qvaudio.dom0.policy_loader import load_policy_dir, load_policy_paths, policy_files
 
 CORPUS = Path(__file__).parent / "policy_corpus"
 BAD = sorted((CORPUS / "bad").glob("*.yaml"))

@@ -51,16 +51,67 @@ class Access(enum.StrEnum):
 PLAYBACK_VALUES: tuple[Access, ...] = (Access.ALLOW, Access.DENY)
 CAPTURE_VALUES: tuple[Access, ...] = (Access.DENY, Access.ALLOW, Access.ATTACH_ON_REQUEST)
 
-#: Every setting a rule can carry, in the order `policy show` prints them.
-SETTINGS: tuple[str, ...] = (
-    "playback",
-    "capture",
-    "volume.default",
-    "volume.max",
-    "formats.rates",
-    "formats.sample_formats",
-    "formats.max_channels",
+
+class SettingKind(enum.Enum):
+    """What values a setting takes (how files, `policy set` and `policy show` read and write it)."""
+
+    ACCESS = "access"
+    PERCENT = "percent"
+    RATES = "rates"
+    SAMPLE_FORMATS = "sample_formats"
+    CHANNELS = "channels"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting a rule can carry.
+
+    `name` is how files (`volume: {max: 50}` is `volume.max`), `policy show`
+    and `policy set` call it; `field` is the attribute of `Rule` and
+    `VmSettings` that holds it.
+    """
+
+    name: str
+    field: str
+    kind: SettingKind
+    #: The values an access setting takes; empty for the others.
+    choices: tuple[Access, ...] = ()
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """Where a rule writes it: ("playback",) or ("volume", "max")."""
+        return tuple(self.name.split("."))
+
+    def show(self, value: object) -> str:
+        """`value` as `policy show` prints it."""
+        if self.kind is SettingKind.PERCENT:
+            return f"{value}%"
+        if isinstance(value, tuple):
+            return ", ".join(
+                v.name.lower() if isinstance(v, SampleFormat) else str(v) for v in value
+            )
+        return str(value)
+
+
+#: The one table of policy settings, in the order `policy show` prints them:
+#: the model, the file parser and `policy set` all read it.
+POLICY_SETTINGS: tuple[Setting, ...] = (
+    Setting("playback", "playback", SettingKind.ACCESS, PLAYBACK_VALUES),
+    Setting("capture", "capture", SettingKind.ACCESS, CAPTURE_VALUES),
+    Setting("volume.default", "volume_default", SettingKind.PERCENT),
+    Setting("volume.max", "volume_max", SettingKind.PERCENT),
+    Setting("formats.rates", "rates", SettingKind.RATES),
+    Setting("formats.sample_formats", "sample_formats", SettingKind.SAMPLE_FORMATS),
+    Setting("formats.max_channels", "max_channels", SettingKind.CHANNELS),
 )
+#: Every setting's name, in the same order.
+SETTINGS: tuple[str, ...] = tuple(s.name for s in POLICY_SETTINGS)
+_BY_NAME: dict[str, Setting] = {s.name: s for s in POLICY_SETTINGS}
+
+
+def setting_named(name: str) -> Setting:
+    """The setting called `name` (e.g. "volume.max"); KeyError if there is none."""
+    return _BY_NAME[name]
 
 
 class VmPatternError(QvaudioError, ValueError):
@@ -135,16 +186,7 @@ class Rule:
 
     def sets(self) -> frozenset[str]:
         """The names (as in SETTINGS) of the settings this rule gives a value."""
-        values = (
-            self.playback,
-            self.capture,
-            self.volume_default,
-            self.volume_max,
-            self.rates,
-            self.sample_formats,
-            self.max_channels,
-        )
-        return frozenset(name for name, v in zip(SETTINGS, values, strict=True) if v is not None)
+        return frozenset(s.name for s in POLICY_SETTINGS if getattr(self, s.field) is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,36 +232,16 @@ class VmSettings:
 
     def setting(self, name: str) -> Resolved[object]:
         """One setting by its name in SETTINGS, e.g. "volume.max"."""
-        by_name: dict[str, Resolved[object]] = {
-            "playback": self.playback,
-            "capture": self.capture,
-            "volume.default": self.volume_default,
-            "volume.max": self.volume_max,
-            "formats.rates": self.rates,
-            "formats.sample_formats": self.sample_formats,
-            "formats.max_channels": self.max_channels,
-        }
-        return by_name[name]
+        resolved: Resolved[object] = getattr(self, setting_named(name).field)
+        return resolved
 
     def rows(self) -> tuple[tuple[str, str, str], ...]:
         """(setting, value, source) for display."""
-
-        def show(values: Sequence[object]) -> str:
-            return ", ".join(str(v) for v in values)
-
-        return (
-            ("playback", str(self.playback.value), self.playback.source),
-            ("capture", str(self.capture.value), self.capture.source),
-            ("volume.default", f"{self.volume_default.value}%", self.volume_default.source),
-            ("volume.max", f"{self.volume_max.value}%", self.volume_max.source),
-            ("formats.rates", show(self.rates.value), self.rates.source),
-            (
-                "formats.sample_formats",
-                show([f.name.lower() for f in self.sample_formats.value]),
-                self.sample_formats.source,
-            ),
-            ("formats.max_channels", str(self.max_channels.value), self.max_channels.source),
-        )
+        rows = []
+        for setting in POLICY_SETTINGS:
+            resolved: Resolved[object] = getattr(self, setting.field)
+            rows.append((setting.name, setting.show(resolved.value), resolved.source))
+        return tuple(rows)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,19 +22,10 @@ import yaml
 
 from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import SampleFormat
-from qvaudio.core.policy import (
-    CAPTURE_VALUES,
-    PLAYBACK_VALUES,
-    SETTINGS,
-    VM_NAME_RE,
-    Rule,
-)
+from qvaudio.core.policy import SETTINGS, VM_NAME_RE, Rule, SettingKind, setting_named
+from qvaudio.core.policy_parser import compose_policy_yaml, parse_policy_text
 from qvaudio.core.safe_yaml import MAX_FILE_BYTES
-from qvaudio.dom0.policy_loader import (
-    compose_policy_yaml,
-    directory_problem,
-    parse_policy_text,
-)
+from qvaudio.dom0.policy_loader import directory_problem
 
 #: Per-VM files sort before the shipped 90-default.yaml, so they override it.
 VM_FILE_PREFIX = "30-"
@@ -60,34 +51,41 @@ def format_value(key: str, value: str) -> str:
     Strict on purpose: the text is spliced into the file, so it must be one
     plain scalar or flow list, never something that could add keys or rules.
     """
+    try:
+        setting = setting_named(key)
+    except KeyError:
+        settable = ", ".join(SETTINGS)
+        raise PolicyEditError(f"unknown setting {key!r} (settable: {settable})") from None
     text = value.strip()
-    if key == "playback" or key == "capture":
-        allowed = PLAYBACK_VALUES if key == "playback" else CAPTURE_VALUES
-        if text not in [a.value for a in allowed]:
-            choices = ", ".join(a.value for a in allowed)
-            raise PolicyEditError(f"{key} must be one of {choices}, got {value!r}")
-        return text
-    if key in ("volume.default", "volume.max"):
-        number = text.removesuffix("%").strip()
-        if not number.isdigit() or not 0 <= int(number) <= 100:
-            raise PolicyEditError(f"{key} must be a percentage from 0 to 100, got {value!r}")
-        return str(int(number))
-    if key == "formats.max_channels":
-        if not text.isdigit():
-            raise PolicyEditError(f"{key} must be a whole number, got {value!r}")
-        return str(int(text))
-    if key == "formats.rates":
-        parts = [p.strip() for p in text.split(",")]
-        if not all(p.isdigit() for p in parts):
-            raise PolicyEditError(f"{key} must be a comma-separated list of rates, got {value!r}")
-        return "[" + ", ".join(str(int(p)) for p in parts) + "]"
-    if key == "formats.sample_formats":
-        try:
-            formats = [SampleFormat.parse(p) for p in text.split(",")]
-        except ValueError as exc:
-            raise PolicyEditError(f"{key}: {exc}") from None
-        return "[" + ", ".join(f.name.lower() for f in formats) + "]"
-    raise PolicyEditError(f"unknown setting {key!r} (settable: {', '.join(SETTINGS)})")
+    match setting.kind:
+        case SettingKind.ACCESS:
+            allowed = setting.choices
+            if text not in [a.value for a in allowed]:
+                choices = ", ".join(a.value for a in allowed)
+                raise PolicyEditError(f"{key} must be one of {choices}, got {value!r}")
+            return text
+        case SettingKind.PERCENT:
+            number = text.removesuffix("%").strip()
+            if not number.isdigit() or not 0 <= int(number) <= 100:
+                raise PolicyEditError(f"{key} must be a percentage from 0 to 100, got {value!r}")
+            return str(int(number))
+        case SettingKind.CHANNELS:
+            if not text.isdigit():
+                raise PolicyEditError(f"{key} must be a whole number, got {value!r}")
+            return str(int(text))
+        case SettingKind.RATES:
+            parts = [p.strip() for p in text.split(",")]
+            if not all(p.isdigit() for p in parts):
+                raise PolicyEditError(
+                    f"{key} must be a comma-separated list of rates, got {value!r}"
+                )
+            return "[" + ", ".join(str(int(p)) for p in parts) + "]"
+        case SettingKind.SAMPLE_FORMATS:
+            try:
+                formats = [SampleFormat.parse(p) for p in text.split(",")]
+            except ValueError as exc:
+                raise PolicyEditError(f"{key}: {exc}") from None
+            return "[" + ", ".join(f.name.lower() for f in formats) + "]"
 
 
 # --- text surgery ------------------------------------------------------------------
@@ -249,15 +247,7 @@ def edit_policy_text(text: str, file: str, vm: str, key: str, value: str) -> str
 
 
 def _setting(rule: Rule, key: str) -> object:
-    return {
-        "playback": rule.playback,
-        "capture": rule.capture,
-        "volume.default": rule.volume_default,
-        "volume.max": rule.volume_max,
-        "formats.rates": rule.rates,
-        "formats.sample_formats": rule.sample_formats,
-        "formats.max_channels": rule.max_channels,
-    }[key]
+    return getattr(rule, setting_named(key).field)
 
 
 def _check_result(data: bytes, file: str, vm: str, key: str, value: str) -> None:

@@ -20,12 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qvaudio.core.policy import Policy
-from qvaudio.dom0.policy_loader import (
-    POLICY_SUFFIX,
-    PolicyLoadError,
-    PolicyProblem,
-    load_policy_dir,
-)
+from qvaudio.core.policy_parser import PolicyLoadError, PolicyProblem
+from qvaudio.dom0.policy_loader import POLICY_SUFFIX, load_policy_dir
 
 log = logging.getLogger(__name__)
 
