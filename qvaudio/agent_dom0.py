@@ -37,7 +37,6 @@ from qvaudio.common.config import (
     flag_range,
     flag_type,
     load_config,
-    parse_vsock_map,
 )
 from qvaudio.common.extras import require
 from qvaudio.common.log import raise_priority, setup_logging
@@ -73,6 +72,13 @@ from qvaudio.dom0.host import HostCapture, HostPlayback
 from qvaudio.dom0.policy_loader import POLICY_DIR_DEFAULT_HELP, default_policy_dir
 from qvaudio.dom0.policy_watch import PolicyWatcher
 from qvaudio.transport import UnixAddress, connect
+from qvaudio.transport.addresses import (
+    QrexecSource,
+    UnixDirSource,
+    VsockSource,
+    XenSource,
+    parse_source,
+)
 from qvaudio.transport.base import PeerUnavailable, Stream, StreamClosed, TransportError
 from qvaudio.transport.qrexec import HandoffListener, default_handoff_path
 
@@ -144,7 +150,7 @@ class Dom0Agent:
         self.selector.register(self.control, selectors.EVENT_READ, ("control", None))
         self.discoveries = self._make_discoveries(settings)
         self.handoff: HandoffListener | None = None
-        if "qrexec" in settings.transports:
+        if QrexecSource() in map(parse_source, settings.transports):
             self.handoff = HandoffListener(default_handoff_path())
             self.selector.register(self.handoff, selectors.EVENT_READ, ("qrexec", None))
         self._discovery_fds: dict[int, Discovery] = {}
@@ -157,12 +163,15 @@ class Dom0Agent:
     def _make_discoveries(settings: Dom0Settings) -> list[Discovery]:
         sources: list[Discovery] = []
         for spec in settings.transports:
-            if spec == "xen":
-                sources.append(XenDiscovery(settings.xen_port))
-            elif spec.startswith("unix:"):
-                sources.append(UnixDirDiscovery(Path(spec.removeprefix("unix:"))))
-            elif spec.startswith("vsock:"):
-                sources.append(VsockDiscovery(parse_vsock_map(spec), settings.vsock_port))
+            match parse_source(spec):
+                case XenSource():
+                    sources.append(XenDiscovery(settings.xen_port))
+                case UnixDirSource(directory=directory):
+                    sources.append(UnixDirDiscovery(Path(directory)))
+                case VsockSource(cids=cids):
+                    sources.append(VsockDiscovery(dict(cids), settings.vsock_port))
+                case QrexecSource():
+                    pass  # VMs call in: the handoff listener
         return sources
 
     @property

@@ -17,9 +17,9 @@ from qvaudio.common.config import (
     GuestSettings,
     load_config,
     parse_config,
-    parse_vsock_map,
 )
 from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.transport.addresses import parse_vsock_map
 
 
 def test_shipped_config_is_valid_and_matches_the_defaults() -> None:

@@ -41,6 +41,14 @@ from qvaudio.transport import (
     listen,
     parse_address,
 )
+from qvaudio.transport.addresses import (
+    QrexecSource,
+    Source,
+    UnixDirSource,
+    VsockSource,
+    XenSource,
+    parse_source,
+)
 from tests.test_vchan import FakeXenstored
 from tests.waiting import wait_until
 
@@ -114,6 +122,27 @@ def test_addresses_are_frozen() -> None:
     address = XenAddress(5)
     with pytest.raises(AttributeError):
         address.domid = 6  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("xen", XenSource()),
+        ("qrexec", QrexecSource()),
+        ("unix:/run/qvaudio/vms", UnixDirSource("/run/qvaudio/vms")),
+        ("vsock:work=5,media=6", VsockSource({"work": 5, "media": 6})),
+    ],
+)
+def test_dom0_sources_parse_and_print_back(text: str, expected: Source) -> None:
+    # The one parser of dom0's transports: the config, the flags and the agent use it.
+    assert parse_source(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize("text", ["xen:3", "vsock", "tcp:1.2.3.4", "vsock:work=2", ""])
+def test_bad_dom0_sources_say_why(text: str) -> None:
+    with pytest.raises(ValueError, match="is not"):
+        parse_source(text)
 
 
 def test_unknown_options_are_refused(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import yaml
 from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import DEFAULT_FORMAT, AudioFormat, FormatError, SampleFormat
 from qvaudio.core.safe_yaml import Refused, compose
-from qvaudio.transport import DEFAULT_PORT, parse_address
+from qvaudio.transport.addresses import DEFAULT_PORT, parse_address, parse_source
 
 DEFAULT_CONFIG_PATH = Path("/etc/qvaudio/qvaudio.yaml")
 #: The default config shipped in a source checkout, used when nothing is installed.
@@ -277,22 +277,8 @@ def _transport(node: yaml.Node) -> str:
 
 def _dom0_transport(node: yaml.Node) -> str:
     text = _string(node)
-    if text in ("xen", "qrexec") or text.startswith("unix:") or text.startswith("vsock:"):
-        if text.startswith("vsock:"):
-            parse_vsock_map(text)
-        return text
-    raise ValueError(f"{text!r} is not xen, qrexec, unix:DIR or vsock:NAME=CID[,NAME=CID...]")
-
-
-def parse_vsock_map(text: str) -> dict[str, int]:
-    """`vsock:work=5,media=6`: which CID each VM has (the host's own mapping)."""
-    mapping: dict[str, int] = {}
-    for item in text.removeprefix("vsock:").split(","):
-        name, sep, cid = item.partition("=")
-        if not sep or not name or not cid.isdigit() or int(cid) < 3:
-            raise ValueError(f"{item!r} is not NAME=CID with CID >= 3")
-        mapping[name] = int(cid)
-    return mapping
+    parse_source(text)
+    return text
 
 
 class _ListOf:
