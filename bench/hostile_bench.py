@@ -32,16 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.pipeline import load_average, machine
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.codec import encode
+from qvaudio.core.events import (
     CaptureRequest,
     FormatAccept,
     FormatOffer,
     Goodbye,
     PlaybackData,
     StreamKind,
-    encode,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
 from qvaudio.core.tone import decode_mono, find_offset, find_onset, gaps
 from tests.audio_daemons import PulseAudioServer
 from tests.dom0_harness import S16, Dom0

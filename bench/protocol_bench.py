@@ -13,8 +13,8 @@ import statistics
 import time
 
 from qvaudio.core.connection import Connection
+from qvaudio.core.events import FormatAccept, FormatOffer, Hello, PlaybackData, Role, StreamKind
 from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import FormatAccept, FormatOffer, Hello, PlaybackData, Role, StreamKind
 
 FORMATS = {
     "s16le_48k_stereo": AudioFormat(48000, SampleFormat.S16LE, 2),

@@ -49,8 +49,7 @@ from bench.pipeline import (
     wait_for,
     write_policy,
 )
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -59,6 +58,7 @@ from qvaudio.core.protocol import (
     StreamKind,
     StreamStatus,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
 from qvaudio.core.tone import generate_sine
 from qvaudio.dom0.control import request
 from qvaudio.pulse.pcm import PcmStream, PulseError

@@ -46,7 +46,8 @@ from bench.pipeline import (
     wait_for,
     write_policy,
 )
-from qvaudio.core.protocol import FormatAccept, PlaybackData, encode
+from qvaudio.core.codec import encode
+from qvaudio.core.events import FormatAccept, PlaybackData
 from qvaudio.core.tone import generate_sine
 from qvaudio.dom0.control import ControlError, request
 from qvaudio.pulse.private import PrivatePulse

@@ -58,8 +58,8 @@ from qvaudio.core.dom0_session import (
     StopPlayback,
     VmSession,
 )
+from qvaudio.core.events import GoodbyeCode
 from qvaudio.core.policy import Access, Direction, Policy, VmIdentity, evaluate
-from qvaudio.core.protocol import GoodbyeCode
 from qvaudio.dom0.control import ControlServer, default_socket_path
 from qvaudio.dom0.discovery import (
     Discovery,

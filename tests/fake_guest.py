@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from qvaudio.core.connection import Connection
-from qvaudio.core.formats import AudioFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     Event,
     FormatOffer,
@@ -30,6 +29,7 @@ from qvaudio.core.protocol import (
     Role,
     StreamKind,
 )
+from qvaudio.core.formats import AudioFormat
 from tests.waiting import wait_until
 
 #: One kind of protocol event (`wait_for_event(Goodbye)` returns a Goodbye).

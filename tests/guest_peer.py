@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from qvaudio.core.connection import Connection
-from qvaudio.core.formats import AudioFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     CaptureState,
     Event,
@@ -32,6 +31,7 @@ from qvaudio.core.protocol import (
     StreamKind,
     StreamStatus,
 )
+from qvaudio.core.formats import AudioFormat
 from tests.waiting import wait_until
 
 POSITION_EVERY_S = 0.5

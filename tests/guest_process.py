@@ -24,8 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qvaudio.core.events import FormatAccept
 from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import FormatAccept
 from qvaudio.core.tone import generate_sine
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)

@@ -17,7 +17,7 @@ from typing import Any
 import pulsectl
 import pytest
 
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,
     CaptureState,

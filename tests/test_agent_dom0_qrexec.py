@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from qvaudio.core.connection import Connection
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     Event,
     FormatAccept,
     FormatOffer,

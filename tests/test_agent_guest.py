@@ -24,8 +24,8 @@ import pulsectl
 import pytest
 
 from qvaudio.core import tone
+from qvaudio.core.events import CaptureRequest, Cork, Goodbye, StreamStatus
 from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import CaptureRequest, Cork, Goodbye, StreamStatus
 from qvaudio.guest import devices as guest_devices
 from qvaudio.guest.loop import STATUS_EVERY_S
 from qvaudio.pulse import devices as pulse_devices

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qvaudio.core.codec import encode
 from qvaudio.core.connection import Connection, ConnectionState
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -29,8 +29,8 @@ from qvaudio.core.protocol import (
     Role,
     StreamKind,
     StreamStatus,
-    encode,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
 F32 = AudioFormat(44100, SampleFormat.F32LE, 1)

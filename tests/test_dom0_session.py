@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import pytest
 
+from qvaudio.core.codec import encode, encode_pcm
 from qvaudio.core.connection import Connection
 from qvaudio.core.dom0_session import (
     Action,
@@ -25,11 +26,7 @@ from qvaudio.core.dom0_session import (
     StopPlayback,
     VmSession,
 )
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.gain import peak
-from qvaudio.core.policy import Policy, VmIdentity
-from qvaudio.core.policy_parser import parse_policy_text
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -47,9 +44,11 @@ from qvaudio.core.protocol import (
     Role,
     StreamKind,
     StreamStatus,
-    encode,
-    encode_pcm,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.gain import peak
+from qvaudio.core.policy import Policy, VmIdentity
+from qvaudio.core.policy_parser import parse_policy_text
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
 F32 = AudioFormat(48000, SampleFormat.F32LE, 2)

@@ -17,11 +17,9 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qvaudio.core.codec import encode
 from qvaudio.core.dom0_session import Disconnect, Play, Send, StartPlayback, VmSession
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.policy import Policy, VmIdentity
-from qvaudio.core.policy_parser import parse_policy_text
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     MAX_FRAME,
     CaptureRequest,
     Cork,
@@ -31,8 +29,10 @@ from qvaudio.core.protocol import (
     Hello,
     PlaybackData,
     StreamKind,
-    encode,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.policy import Policy, VmIdentity
+from qvaudio.core.policy_parser import parse_policy_text
 
 EXAMPLES = int(os.environ.get("QVAUDIO_FUZZ_EXAMPLES", "3000"))
 POLICIES = [

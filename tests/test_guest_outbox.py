@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from qvaudio.core.protocol import Cork, PlaybackData, encode
+from qvaudio.core.codec import encode
+from qvaudio.core.events import Cork, PlaybackData
 from qvaudio.guest.outbox import Outbox
 
 

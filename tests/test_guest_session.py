@@ -6,24 +6,7 @@ import array
 import dataclasses
 
 from qvaudio.core.connection import Connection
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.guest_session import (
-    Action,
-    Disconnect,
-    GuestConfig,
-    GuestSession,
-    IdleMethod,
-    LatencyReport,
-    MicAudio,
-    MicFormat,
-    Notify,
-    Send,
-    StartMonitor,
-    StopMonitor,
-    idle_method,
-    sink_suspension,
-)
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -41,6 +24,23 @@ from qvaudio.core.protocol import (
     Role,
     StreamKind,
     StreamStatus,
+)
+from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.guest_session import (
+    Action,
+    Disconnect,
+    GuestConfig,
+    GuestSession,
+    IdleMethod,
+    LatencyReport,
+    MicAudio,
+    MicFormat,
+    Notify,
+    Send,
+    StartMonitor,
+    StopMonitor,
+    idle_method,
+    sink_suspension,
 )
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.codec import encode
+from qvaudio.core.events import (
     FormatAccept,
     FormatOffer,
     Goodbye,
@@ -28,8 +28,8 @@ from qvaudio.core.protocol import (
     Hello,
     PlaybackData,
     StreamKind,
-    encode,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
 from tests.dom0_harness import S16, Dom0
 from tests.fake_guest import FakeGuest, lower_priority
 from tests.hostile_harness import (

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.codec import encode
+from qvaudio.core.events import (
     CaptureRequest,
     FormatAccept,
     FormatOffer,
@@ -27,8 +27,8 @@ from qvaudio.core.protocol import (
     GoodbyeCode,
     PlaybackData,
     StreamKind,
-    encode,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
 from tests.dom0_harness import S16, Dom0, sink_inputs
 from tests.fake_guest import FakeGuest, lower_priority
 from tests.hostile_harness import (

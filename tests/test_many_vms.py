@@ -15,7 +15,7 @@ from typing import Any
 
 import pulsectl
 
-from qvaudio.core.protocol import FormatAccept, FormatRefuse
+from qvaudio.core.events import FormatAccept, FormatRefuse
 from qvaudio.core.tone import (
     decode_mono,
     find_offset,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from qvaudio.common.notify import Notifier
-from qvaudio.core.protocol import CaptureRequest, CaptureState, FormatAccept, StreamStatus
+from qvaudio.core.events import CaptureRequest, CaptureState, FormatAccept, StreamStatus
 from qvaudio.dom0.control import request
 from tests.dom0_harness import MONO, S16, Dom0
 from tests.notification_daemon import NotificationDaemon

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.codec import Decoder, encode, encode_pcm, pcm_chunks
+from qvaudio.core.events import (
     MAX_FRAME,
     MAX_PAYLOAD,
     MAX_REASON_BYTES,
@@ -19,7 +19,6 @@ from qvaudio.core.protocol import (
     CaptureState,
     CaptureStatus,
     Cork,
-    Decoder,
     Event,
     FormatAccept,
     FormatOffer,
@@ -36,10 +35,8 @@ from qvaudio.core.protocol import (
     StreamKind,
     StreamStatus,
     clip_reason,
-    encode,
-    encode_pcm,
-    pcm_chunks,
 )
+from qvaudio.core.formats import AudioFormat, SampleFormat
 
 S16_48K_2 = AudioFormat(48000, SampleFormat.S16LE, 2)
 F32_44K_6 = AudioFormat(44100, SampleFormat.F32LE, 6)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
-from qvaudio.core.protocol import FormatAccept
+from qvaudio.core.events import FormatAccept
 from tests.dom0_harness import S16, Dom0
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from qvaudio.core.formats import AudioFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.codec import Decoder, encode
+from qvaudio.core.events import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     SENDERS,
@@ -33,7 +33,6 @@ from qvaudio.core.protocol import (
     CaptureState,
     CaptureStatus,
     Cork,
-    Decoder,
     Event,
     FormatAccept,
     FormatOffer,
@@ -51,8 +50,8 @@ from qvaudio.core.protocol import (
     StreamKind,
     StreamStatus,
     clip_reason,
-    encode,
 )
+from qvaudio.core.formats import AudioFormat
 
 
 class ConnectionState(enum.Enum):

@@ -26,20 +26,10 @@ import math
 from dataclasses import dataclass, field
 
 from qvaudio.core.actions import Log, Notify, Send
+from qvaudio.core.codec import pcm_chunks
 from qvaudio.core.connection import Connection, ConnectionState
 from qvaudio.core.cost import TokenBucket
-from qvaudio.core.formats import AudioFormat
-from qvaudio.core.gain import apply_gain, percent_to_gain
-from qvaudio.core.policy import (
-    Access,
-    Decision,
-    Direction,
-    Policy,
-    VmIdentity,
-    choose_format,
-    evaluate,
-)
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     MAX_PAYLOAD,
     CaptureData,
     CaptureRequest,
@@ -61,7 +51,17 @@ from qvaudio.core.protocol import (
     StreamKind,
     StreamStatus,
     clip_reason,
-    pcm_chunks,
+)
+from qvaudio.core.formats import AudioFormat
+from qvaudio.core.gain import apply_gain, percent_to_gain
+from qvaudio.core.policy import (
+    Access,
+    Decision,
+    Direction,
+    Policy,
+    VmIdentity,
+    choose_format,
+    evaluate,
 )
 
 # --- actions ------------------------------------------------------------------

@@ -24,9 +24,9 @@ from enum import Enum
 from qvaudio.core.actions import Log as Log  # re-exported: the shells import actions from here
 from qvaudio.core.actions import Notify as Notify
 from qvaudio.core.actions import Send as Send
+from qvaudio.core.codec import pcm_chunks
 from qvaudio.core.connection import Connection, ConnectionState
-from qvaudio.core.formats import AudioFormat
-from qvaudio.core.protocol import (
+from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,
     CaptureState,
@@ -46,8 +46,8 @@ from qvaudio.core.protocol import (
     StreamKind,
     StreamStatus,
     clip_reason,
-    pcm_chunks,
 )
+from qvaudio.core.formats import AudioFormat
 
 
 @dataclass(frozen=True, slots=True)

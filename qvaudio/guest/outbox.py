@@ -13,7 +13,7 @@ import collections
 import logging
 from typing import Protocol
 
-from qvaudio.core.protocol import HEADER_SIZE, FrameType
+from qvaudio.core.events import HEADER_SIZE, FrameType
 
 log = logging.getLogger(__name__)
 
