@@ -457,7 +457,7 @@ class Dom0Agent:
         except Exception:
             log.exception("%s: internal error while serving this VM; disconnecting it", link.name)
             with contextlib.suppress(Exception):
-                link.session.closed = True
+                link.session.abandon("internal error in dom0")
             self._drop(link, GoodbyeCode.INTERNAL_ERROR)
 
     def _throttled(self, link: VmLink) -> bool:

@@ -198,6 +198,12 @@ class Connection:
         self._apply(event, sender=self.role, error=LocalProtocolError)
         return data
 
+    def abandon(self) -> None:
+        """Its owner is done with it without a goodbye (the transport is gone):
+        nothing more may be sent or received. A failed connection stays failed."""
+        if self.state is not ConnectionState.FAILED:
+            self.state = ConnectionState.CLOSED
+
     def goodbye_for(self, exc: ProtocolError) -> bytes:
         """The goodbye frame to send after `exc`, naming its reason."""
         return self.send(Goodbye(exc.code, clip_reason(str(exc))))

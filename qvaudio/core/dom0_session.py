@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from qvaudio.core.actions import Log, Notify, Send
 from qvaudio.core.codec import pcm_chunks
-from qvaudio.core.connection import Connection, ConnectionState
+from qvaudio.core.connection import ConnectionState
 from qvaudio.core.cost import TokenBucket
 from qvaudio.core.events import (
     MAX_PAYLOAD,
@@ -63,6 +63,7 @@ from qvaudio.core.policy import (
     choose_format,
     evaluate,
 )
+from qvaudio.core.session import Session
 
 # --- actions ------------------------------------------------------------------
 
@@ -294,7 +295,7 @@ class Backoff:
 # --- the session ------------------------------------------------------------------
 
 
-class VmSession:
+class VmSession(Session):
     """Everything dom0 decides about one connected VM."""
 
     def __init__(
@@ -306,12 +307,10 @@ class VmSession:
         mic_attached: bool = False,
         limits: Limits | None = None,
     ) -> None:
+        super().__init__(Role.DOM0)
         self.vm = vm
         self.limits = limits or Limits()
-        self.conn = Connection(Role.DOM0)
         self.counters = Counters()
-        self.closed = False
-        self.close_reason = ""
         self.mic_attached = mic_attached
         self.capture_wanted = False
         self.capture_running = False
@@ -358,17 +357,6 @@ class VmSession:
         self._jitter_changed = now
         self._jitter_grown = -math.inf
         self._host_dry_seen = 0
-
-    def _send(self, event: Event) -> list[Action]:
-        """Bytes for `event`, or nothing once the connection is closed.
-
-        A peer's goodbye can arrive in the same read as a request; by the time
-        the request is answered the connection is closed, and the answer is
-        simply not sent (found by fuzzing: it used to raise).
-        """
-        if self.conn.state in (ConnectionState.CLOSED, ConnectionState.FAILED):
-            return []
-        return [Send(self.conn.send(event))]
 
     # -- what the shell asks ---------------------------------------------------------
 
@@ -454,7 +442,7 @@ class VmSession:
 
     def start(self, now: float) -> list[Action]:
         """The transport is up: greet the guest."""
-        return self._send(Hello())
+        return [*self._send(Hello())]
 
     def receive(self, data: bytes, now: float) -> list[Action]:
         """Bytes read from the guest."""
@@ -479,9 +467,10 @@ class VmSession:
                     GoodbyeCode.RATE_EXCEEDED,
                     f"more than {rate:g} control frames per second",
                 )
-            actions += self._handle(event, now)
-            if self.closed:
-                break
+            handled = self._handle(event, now)
+            actions += handled
+            if any(isinstance(action, Disconnect) for action in handled):
+                break  # this event ended the connection: the rest is not looked at
         return actions
 
     def update_policy(self, policy: Policy, now: float) -> list[Action]:
@@ -706,16 +695,14 @@ class VmSession:
         actions = self._stop_streams(reason)
         actions += self._send(Goodbye(GoodbyeCode.SHUTDOWN, clip_reason(reason)))
         actions.append(Disconnect(GoodbyeCode.SHUTDOWN, reason))
-        self.closed = True
-        self.close_reason = reason
+        self._end(reason)
         return actions
 
     def transport_lost(self, reason: str) -> list[Action]:
         """The transport closed under us: tidy up without sending anything."""
         if self.closed:
             return []
-        self.closed = True
-        self.close_reason = reason
+        self._end(reason)
         return [*self._stop_streams(reason), Log(logging.INFO, f"disconnected: {reason}")]
 
     # -- events ----------------------------------------------------------------------
@@ -725,8 +712,7 @@ class VmSession:
             case Hello(version=version):
                 return [Log(logging.INFO, f"connected (protocol version {version})")]
             case Goodbye(code=code, reason=reason):
-                self.closed = True
-                self.close_reason = f"guest said goodbye ({code.name.lower()}: {reason})"
+                self._end(f"guest said goodbye ({code.name.lower()}: {reason})")
                 return [
                     *self._stop_streams(self.close_reason),
                     Log(logging.INFO, self.close_reason),
@@ -757,7 +743,7 @@ class VmSession:
             return actions
         if self.playback_active and fmt == self.playback_format:
             # The same format again: the host stream it plays on stays as it is.
-            return self._send(FormatAccept(StreamKind.PLAYBACK, fmt))
+            return [*self._send(FormatAccept(StreamKind.PLAYBACK, fmt))]
         actions = self._stop_playback("format renegotiated")
         actions += self._send(FormatAccept(StreamKind.PLAYBACK, fmt))
         actions.append(Log(logging.INFO, f"playback format {fmt} ({self._playback.reason})"))
@@ -946,7 +932,7 @@ class VmSession:
                 *self._notify(f"{name} was refused the microphone", why, now),
             ]
         if requested and not self.capture_wanted and not self.capture_running:
-            return self._send(CaptureState(StreamStatus.STOPPED))
+            return [*self._send(CaptureState(StreamStatus.STOPPED))]
         return []
 
     def _notify(self, summary: str, body: str, now: float) -> list[Action]:
@@ -987,8 +973,7 @@ class VmSession:
             else self.conn.send(Goodbye(code, clip_reason(reason)))
         )
         actions += [Send(goodbye), Disconnect(code, reason)]
-        self.closed = True
-        self.close_reason = reason
+        self._end(reason)
         return actions
 
     def _received_frames(self) -> int:

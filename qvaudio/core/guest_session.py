@@ -25,7 +25,7 @@ from qvaudio.core.actions import Log as Log  # re-exported: the shells import ac
 from qvaudio.core.actions import Notify as Notify
 from qvaudio.core.actions import Send as Send
 from qvaudio.core.codec import pcm_chunks
-from qvaudio.core.connection import Connection, ConnectionState
+from qvaudio.core.connection import ConnectionState
 from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,
@@ -48,6 +48,7 @@ from qvaudio.core.events import (
     clip_reason,
 )
 from qvaudio.core.formats import AudioFormat
+from qvaudio.core.session import Session
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +96,12 @@ class GuestConfig:
     peer_timeout: float = 5.0
 
 
-class GuestSession:
+class GuestSession(Session):
     """Everything the guest agent decides about its connection to dom0."""
 
     def __init__(self, config: GuestConfig, now: float) -> None:
+        super().__init__(Role.GUEST)
         self.config = config
-        self.conn = Connection(Role.GUEST)
-        self.closed = False
-        self.close_reason = ""
         self.mic_users = 0
         self.bytes_sent = 0
         self.frames_sent = 0
@@ -115,17 +114,6 @@ class GuestSession:
         self._sound_from: int | None = None
         #: dom0 has reported on audio of that sound: the latency means something.
         self._latency_known = False
-
-    def _send(self, event: Event) -> list[Action]:
-        """Bytes for `event`, or nothing once the connection is closed.
-
-        A peer's goodbye can arrive in the same read as a request; by the time
-        the request is answered the connection is closed, and the answer is
-        simply not sent (found by fuzzing: it used to raise).
-        """
-        if self.conn.state in (ConnectionState.CLOSED, ConnectionState.FAILED):
-            return []
-        return [Send(self.conn.send(event))]
 
     # -- queries -----------------------------------------------------------------------
 
@@ -165,7 +153,7 @@ class GuestSession:
 
     def start(self, now: float) -> list[Action]:
         self._last_heard = now
-        actions = self._send(Hello())
+        actions: list[Action] = [*self._send(Hello())]
         actions += self._send(FormatOffer(StreamKind.PLAYBACK, self.config.playback_formats))
         if self.config.capture_formats:
             actions += self._send(FormatOffer(StreamKind.CAPTURE, self.config.capture_formats))
@@ -344,8 +332,7 @@ class GuestSession:
         ]
 
     def _close(self, reason: str, goodbye: bytes | None) -> list[Action]:
-        self.closed = True
-        self.close_reason = reason
+        self._end(reason)
         actions: list[Action] = [Log(logging.WARNING, reason)]
         if goodbye is not None:
             actions.append(Send(goodbye))
