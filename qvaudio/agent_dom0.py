@@ -43,6 +43,7 @@ from qvaudio.common.log import raise_priority, setup_logging
 from qvaudio.common.notify import Notifier
 from qvaudio.common.sdnotify import sd_notify, watchdog_interval
 from qvaudio.core.cost import LogLimiter
+from qvaudio.core.dom0_grants import MicGrants
 from qvaudio.core.dom0_session import (
     Action,
     Backoff,
@@ -59,7 +60,7 @@ from qvaudio.core.dom0_session import (
     VmSession,
 )
 from qvaudio.core.events import GoodbyeCode
-from qvaudio.core.policy import Access, Direction, Policy, VmIdentity, evaluate
+from qvaudio.core.policy import Policy, VmIdentity
 from qvaudio.dom0.control import ControlServer, default_socket_path
 from qvaudio.dom0.discovery import (
     Discovery,
@@ -139,7 +140,7 @@ class Dom0Agent:
         self.links: dict[str, VmLink] = {}
         self.backoff: dict[str, Backoff] = {}
         self.log_limiters: dict[str, LogLimiter] = {}
-        self.mic_attached: set[str] = set()
+        self.grants = MicGrants()
         self._connect_warned: set[str] = set()
         self.stopping = False
         self.policy_watcher = PolicyWatcher(
@@ -309,11 +310,8 @@ class Dom0Agent:
                 for link in list(self.links.values()):
                     with self._contained(link):
                         self._execute(link, link.session.update_policy(payload, now))
-                for name in list(self.mic_attached):
-                    attached = self.links.get(name)
-                    identity = attached.target.identity if attached else VmIdentity(name)
-                    if evaluate(payload, identity, Direction.CAPTURE).access is Access.DENY:
-                        self.mic_attached.discard(name)
+                known = {name: link.target.identity for name, link in self.links.items()}
+                self.grants.policy_changed(payload, known)
             elif kind == "mic":
                 name, capture, chunk = payload
                 mic_link = self.links.get(name)
@@ -360,14 +358,11 @@ class Dom0Agent:
             target = targets.get(name)
             if target is None or target.address != link.target.address:
                 self._execute(link, link.session.shutdown("the VM went away"))
-                self.mic_attached.discard(name)
+                self.grants.forget(name)
             elif target.identity != link.target.identity:
                 link.target = target
-                link.session.vm = target.identity
-                self._execute(link, link.session.update_policy(self.policy, now))
-        for name in list(self.mic_attached):
-            if name not in targets and name not in self.links:
-                self.mic_attached.discard(name)
+                self._execute(link, link.session.reidentify(target.identity, self.policy, now))
+        self.grants.keep_only(targets.keys() | self.links.keys())
         # A few new connections a turn: many VMs appearing at once (a boot, or
         # sockets made in a burst) must not make one long turn that every
         # playing VM waits for; the rest are connected in the next turns.
@@ -377,10 +372,7 @@ class Dom0Agent:
             if name in self.links:
                 continue
             backoff = self.backoff.setdefault(name, Backoff())
-            if target.epoch != backoff.epoch:
-                backoff.epoch = target.epoch
-                if not backoff.misbehaved:
-                    backoff.next_attempt = 0.0  # re-published: try at once
+            backoff.published(target.epoch)
             if now >= backoff.next_attempt:
                 if budget == 0:
                     self._connects_pending = True
@@ -409,7 +401,7 @@ class Dom0Agent:
             target.identity,
             self.policy,
             now,
-            mic_attached=name in self.mic_attached,
+            grants=self.grants,
             limits=self.limits,
         )
         link = VmLink(target, stream, session, now, discovered=False)
@@ -439,7 +431,7 @@ class Dom0Agent:
             target.identity,
             self.policy,
             now,
-            mic_attached=name in self.mic_attached,
+            grants=self.grants,
             limits=self.limits,
         )
         link = VmLink(target, stream, session, now)
@@ -715,23 +707,14 @@ class Dom0Agent:
         )
         if identity is None:
             return {"ok": False, "error": f"no running VM named {name!r}"}
-        decision = evaluate(self.policy, identity, Direction.CAPTURE)
-        if action == "attach" and decision.access is not Access.ATTACH_ON_REQUEST:
-            why = "already allowed" if decision.access is Access.ALLOW else "denied"
-            return {
-                "ok": False,
-                "error": f"the policy says capture is {why} for {name} ({decision.reason}); "
-                "mic attach is for VMs whose policy says attach-on-request",
-            }
+        refused = self.grants.request(action == "attach", identity, self.policy)
+        if refused is not None:
+            return {"ok": False, "error": refused}
         now = time.monotonic()
-        if action == "attach":
-            self.mic_attached.add(name)
-        else:
-            self.mic_attached.discard(name)
         log.info("%s: microphone %sed by the user", name, action)
         if link is not None:
             self._execute(link, link.session.set_mic_attached(action == "attach", now))
-        return {"ok": True, "vm": name, "attached": name in self.mic_attached}
+        return {"ok": True, "vm": name, "attached": name in self.grants}
 
     @staticmethod
     def _host_stream_state(playback: HostPlayback) -> str:

@@ -50,6 +50,7 @@ DOM0_CORE = {
     "qvaudio.core.dom0_session",
     "qvaudio.core.domains",
     "qvaudio.core.policy_parser",
+    "qvaudio.core.dom0_grants",
 }
 #: The shells both agents share, which may import neither side.
 SHARED = ("qvaudio.transport", "qvaudio.pulse", "qvaudio.common", "qvaudio.vchan")

@@ -11,6 +11,7 @@ import pytest
 
 from qvaudio.core.codec import encode, encode_pcm
 from qvaudio.core.connection import Connection
+from qvaudio.core.dom0_grants import MicGrants
 from qvaudio.core.dom0_session import (
     Action,
     Backoff,
@@ -475,6 +476,16 @@ def test_backoff_after_a_cut_off_grows() -> None:
     assert backoff.next_attempt == 505.0
 
 
+def test_backoff_tries_a_republished_guest_at_once_unless_it_misbehaved() -> None:
+    backoff = Backoff()
+    backoff.failed(100.0)
+    backoff.published("ring 2")
+    assert backoff.next_attempt == 0.0, "a new endpoint: try at once"
+    backoff.ended(110.0, lasted=3.0, code=GoodbyeCode.PROTOCOL_ERROR)
+    backoff.published("ring 3")
+    assert backoff.next_attempt == 115.0, "a cut-off guest waits, published or not"
+
+
 def test_backoff_waits_of_one_restart_do_not_carry_into_the_next() -> None:
     # Found by test_fifty_guest_restarts_leak_nothing_in_dom0: a guest agent
     # restarted every two seconds never has a "healthy" (10 s) session, and the
@@ -608,6 +619,34 @@ def test_a_deny_ends_the_microphone_attachment() -> None:
     h.send(CaptureRequest(True))
     assert h.last_received(CaptureState).status is StreamStatus.DENIED
     assert not h.session.capture_running
+
+
+def test_a_grant_outlives_the_session_and_a_deny_ends_it_for_every_session() -> None:
+    grants = MicGrants()
+    assert grants.request(True, WORK, ON_REQUEST) is None
+    first = Harness(ON_REQUEST, grants=grants)
+    assert first.session.mic_attached
+    first.run(first.session.shutdown("the VM went away"))
+    second = Harness(ON_REQUEST, grants=grants)
+    second.negotiate()
+    second.send(CaptureRequest(True))
+    assert second.of(StartCapture) == [StartCapture(S16)], (
+        "the grant is the user's, not a session's"
+    )
+    second.run(second.session.update_policy(DENY_ALL, second.now))
+    assert "work" not in grants and not second.session.capture_running
+
+
+def test_attaching_is_for_attach_on_request_only() -> None:
+    grants = MicGrants()
+    refused = grants.request(True, WORK, ALLOW_ALL)
+    assert refused is not None and "already allowed" in refused
+    refused = grants.request(True, WORK, DENY_ALL)
+    assert refused is not None and "denied" in refused
+    assert "work" not in grants
+    grants.set("work", True)
+    grants.policy_changed(DENY_ALL, {})
+    assert "work" not in grants, "a VM dom0 is not connected to is judged by its name"
 
 
 # --- what one VM may cost dom0 (#17) ---------------------------------------------

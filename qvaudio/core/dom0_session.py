@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import logging
 import math
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from qvaudio.core.actions import Log, Notify, Send
 from qvaudio.core.codec import pcm_chunks
 from qvaudio.core.connection import ConnectionState
 from qvaudio.core.cost import TokenBucket
+from qvaudio.core.dom0_grants import MicGrants
 from qvaudio.core.events import (
     MAX_PAYLOAD,
     CaptureData,
@@ -271,6 +273,15 @@ class Backoff:
         self.next_attempt = now + self.retry_delay
         self.retry_delay = min(self.retry_delay * 2, RETRY_MAX)
 
+    def published(self, epoch: object) -> None:
+        """The guest's endpoint as discovery sees it now: published afresh (a new
+        epoch, e.g. its agent restarted) means try at once, unless it misbehaved."""
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
+        if not self.misbehaved:
+            self.next_attempt = 0.0
+
     def connected(self) -> None:
         """A connection attempt worked: the guest listens again."""
         self.retry_delay = RETRY_FIRST
@@ -295,6 +306,18 @@ class Backoff:
 # --- the session ------------------------------------------------------------------
 
 
+class MicState(enum.Enum):
+    """Where one VM's microphone stands, in dom0."""
+
+    #: The VM does not ask for it (no application of its records).
+    OFF = "off"
+    #: The VM asks, and it does not run: the policy, the user's grant, an agreed
+    #: format or the host stands in the way (the VM was told which).
+    REQUESTED = "requested"
+    #: dom0 records the host microphone for the VM.
+    RUNNING = "running"
+
+
 class VmSession(Session):
     """Everything dom0 decides about one connected VM."""
 
@@ -304,16 +327,16 @@ class VmSession(Session):
         policy: Policy,
         now: float,
         *,
-        mic_attached: bool = False,
+        grants: MicGrants | None = None,
         limits: Limits | None = None,
     ) -> None:
         super().__init__(Role.DOM0)
         self.vm = vm
         self.limits = limits or Limits()
         self.counters = Counters()
-        self.mic_attached = mic_attached
-        self.capture_wanted = False
-        self.capture_running = False
+        #: The user's microphone grants: dom0's own set, shared by every session.
+        self.grants = grants if grants is not None else MicGrants()
+        self.mic = MicState.OFF
         self.playback_active = False
         self._policy = policy
         self._playback = evaluate(policy, vm, Direction.PLAYBACK)
@@ -359,6 +382,21 @@ class VmSession(Session):
         self._host_dry_seen = 0
 
     # -- what the shell asks ---------------------------------------------------------
+
+    @property
+    def mic_attached(self) -> bool:
+        """The user attached the microphone to this VM (`qvaudio mic attach`)."""
+        return self.vm.name in self.grants
+
+    @property
+    def capture_wanted(self) -> bool:
+        """The VM asks for the microphone (an application of its records)."""
+        return self.mic is not MicState.OFF
+
+    @property
+    def capture_running(self) -> bool:
+        """dom0 records the host microphone for this VM."""
+        return self.mic is MicState.RUNNING
 
     @property
     def playback_decision(self) -> Decision:
@@ -483,10 +521,7 @@ class VmSession(Session):
         self._capture = evaluate(policy, self.vm, Direction.CAPTURE)
         self._denial_logged.clear()
         actions: list[Action] = []
-        if self._capture.access is Access.DENY and self.mic_attached:
-            # A deny is the user's stronger word: it ends the attachment too, so
-            # relaxing the policy later does not silently reopen the microphone.
-            self.mic_attached = False
+        if self.grants.revoke_if_denied(self._capture):
             actions.append(Log(logging.INFO, "microphone detached: the policy now denies it"))
         if old_playback.settings.volume_max != self._playback.settings.volume_max:
             actions.append(
@@ -500,9 +535,14 @@ class VmSession(Session):
         actions += self._reconcile_capture(now, requested=False)
         return actions
 
+    def reidentify(self, vm: VmIdentity, policy: Policy, now: float) -> list[Action]:
+        """dom0 learnt new things about this VM (its tags, say): decide again."""
+        self.vm = vm
+        return self.update_policy(policy, now)
+
     def set_mic_attached(self, attached: bool, now: float) -> list[Action]:
         """`qvaudio mic attach|detach`: grant or revoke for attach-on-request VMs."""
-        self.mic_attached = attached
+        self.grants.set(self.vm.name, attached)
         if self.closed:
             return []
         return self._reconcile_capture(now, requested=False)
@@ -554,10 +594,9 @@ class VmSession(Session):
         the guest may ask again (within its budget of host stream opens)."""
         if self.closed or not self.capture_running:
             return []
-        self.capture_wanted = False
         why = f"the host audio server refused the microphone stream: {reason}"
         return [
-            *self._stop_capture_stream(why),
+            *self._stop_capture_stream(why, wanted=False),
             *self._send(CaptureState(StreamStatus.STOPPED, clip_reason(why))),
             Log(logging.WARNING, f"microphone capture stopped: {why}"),
             *self._notify(f"{self.vm.name} stopped recording", why, now),
@@ -730,8 +769,7 @@ class VmSession(Session):
                     return [*self._release_held(), Log(logging.DEBUG, "corked")]
                 return [Log(logging.DEBUG, "uncorked")]
             case CaptureRequest(start=start):
-                self.capture_wanted = start
-                return self._reconcile_capture(now, requested=True)
+                return self._reconcile_capture(now, requested=True, wanted=start)
         raise AssertionError(f"guest event not handled: {event!r}")  # pragma: no cover
 
     def _negotiate_playback(self, formats: tuple[AudioFormat, ...], now: float) -> list[Action]:
@@ -900,30 +938,39 @@ class VmSession(Session):
             return False, f"microphone not attached (run: qvaudio mic attach {self.vm.name})"
         return False, self._capture.reason
 
-    def _reconcile_capture(self, now: float, *, requested: bool) -> list[Action]:
+    def _reconcile_capture(
+        self, now: float, *, requested: bool, wanted: bool | None = None
+    ) -> list[Action]:
+        """Start or stop the microphone as the VM asks (`wanted`, a new request, or
+        its standing one) and as the policy and the user's grant allow."""
+        running = self.mic is MicState.RUNNING
+        if wanted is None:
+            wanted = self.mic is not MicState.OFF
+        if not running:
+            self.mic = MicState.REQUESTED if wanted else MicState.OFF
         allowed, why = self._capture_allowed()
         fmt = self.capture_format
         name = self.vm.name
-        if self.capture_running and not (self.capture_wanted and allowed and fmt):
-            status = StreamStatus.STOPPED if not self.capture_wanted else StreamStatus.DENIED
-            reason = "the VM stopped recording" if not self.capture_wanted else why
+        if running and not (wanted and allowed and fmt):
+            status = StreamStatus.STOPPED if not wanted else StreamStatus.DENIED
+            reason = "the VM stopped recording" if not wanted else why
             return [
-                *self._stop_capture_stream(reason),
+                *self._stop_capture_stream(reason, wanted=wanted),
                 *self._send(CaptureState(status, clip_reason(reason))),
                 Log(logging.INFO, f"microphone capture stopped: {reason}"),
                 *self._notify(f"{name} stopped recording", reason, now),
             ]
-        if not self.capture_running and self.capture_wanted and allowed and fmt is not None:
+        if not running and wanted and allowed and fmt is not None:
             if not self._host_opens.take(1, now):
                 return self._too_many_host_opens()
-            self.capture_running = True
+            self.mic = MicState.RUNNING
             return [
                 StartCapture(fmt),
                 *self._send(CaptureState(StreamStatus.RUNNING)),
                 Log(logging.INFO, f"microphone capture started ({why})"),
                 *self._notify(f"{name} is recording from the microphone", why, now),
             ]
-        if requested and self.capture_wanted and not self.capture_running:
+        if requested and wanted and not running:
             if fmt is None:
                 why = "no capture format agreed"
             return [
@@ -931,7 +978,7 @@ class VmSession(Session):
                 Log(logging.WARNING, f"microphone request refused: {why}"),
                 *self._notify(f"{name} was refused the microphone", why, now),
             ]
-        if requested and not self.capture_wanted and not self.capture_running:
+        if requested and not wanted and not running:
             return [*self._send(CaptureState(StreamStatus.STOPPED))]
         return []
 
@@ -942,10 +989,11 @@ class VmSession(Session):
             return []
         return [Notify(summary, body)]
 
-    def _stop_capture_stream(self, reason: str) -> list[Action]:
-        if not self.capture_running:
+    def _stop_capture_stream(self, reason: str, *, wanted: bool = True) -> list[Action]:
+        """Stop the host microphone stream; the VM still asks for it unless not `wanted`."""
+        if self.mic is not MicState.RUNNING:
             return []
-        self.capture_running = False
+        self.mic = MicState.REQUESTED if wanted else MicState.OFF
         self._capture_stalled_since = None
         return [StopCapture(reason)]
 
