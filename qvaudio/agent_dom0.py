@@ -42,23 +42,21 @@ from qvaudio.common.extras import require
 from qvaudio.common.log import raise_priority, setup_logging
 from qvaudio.common.notify import Notifier
 from qvaudio.common.sdnotify import sd_notify, watchdog_interval
+from qvaudio.core.actions import Log, Notify, Send
 from qvaudio.core.cost import LogLimiter
-from qvaudio.core.dom0_grants import MicGrants
-from qvaudio.core.dom0_session import (
+from qvaudio.core.dom0_actions import (
     Action,
-    Backoff,
     Disconnect,
-    Limits,
-    Log,
-    Notify,
     Play,
-    Send,
     StartCapture,
     StartPlayback,
     StopCapture,
     StopPlayback,
-    VmSession,
 )
+from qvaudio.core.dom0_backoff import Backoff
+from qvaudio.core.dom0_grants import MicGrants
+from qvaudio.core.dom0_limits import Limits
+from qvaudio.core.dom0_session import VmSession
 from qvaudio.core.events import GoodbyeCode
 from qvaudio.core.policy import Policy, VmIdentity
 from qvaudio.dom0.control import ControlServer, default_socket_path

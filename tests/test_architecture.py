@@ -51,6 +51,13 @@ DOM0_CORE = {
     "qvaudio.core.domains",
     "qvaudio.core.policy_parser",
     "qvaudio.core.dom0_grants",
+    "qvaudio.core.dom0_base",
+    "qvaudio.core.dom0_playback",
+    "qvaudio.core.dom0_capture",
+    "qvaudio.core.dom0_meter",
+    "qvaudio.core.dom0_actions",
+    "qvaudio.core.dom0_limits",
+    "qvaudio.core.dom0_backoff",
 }
 #: The shells both agents share, which may import neither side.
 SHARED = ("qvaudio.transport", "qvaudio.pulse", "qvaudio.common", "qvaudio.vchan")

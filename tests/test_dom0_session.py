@@ -9,24 +9,22 @@ from typing import TypeVar
 
 import pytest
 
+from qvaudio.core.actions import Log, Notify, Send
 from qvaudio.core.codec import encode, encode_pcm
 from qvaudio.core.connection import Connection
-from qvaudio.core.dom0_grants import MicGrants
-from qvaudio.core.dom0_session import (
+from qvaudio.core.dom0_actions import (
     Action,
-    Backoff,
     Disconnect,
-    Limits,
-    Log,
-    Notify,
     Play,
-    Send,
     StartCapture,
     StartPlayback,
     StopCapture,
     StopPlayback,
-    VmSession,
 )
+from qvaudio.core.dom0_backoff import Backoff
+from qvaudio.core.dom0_grants import MicGrants
+from qvaudio.core.dom0_limits import Limits
+from qvaudio.core.dom0_session import VmSession
 from qvaudio.core.events import (
     CaptureData,
     CaptureRequest,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qvaudio.core.dom0_session import SHORT_SESSION
+from qvaudio.core.dom0_backoff import SHORT_SESSION
 from tests.dom0_harness import start_null_sink_clock_once_dom0_plays, write_policy
 from tests.pipeline_harness import Pipeline
 from tests.waiting import wait_until

@@ -17,8 +17,10 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qvaudio.core.actions import Send
 from qvaudio.core.codec import encode
-from qvaudio.core.dom0_session import Disconnect, Play, Send, StartPlayback, VmSession
+from qvaudio.core.dom0_actions import Disconnect, Play, StartPlayback
+from qvaudio.core.dom0_session import VmSession
 from qvaudio.core.events import (
     MAX_FRAME,
     CaptureRequest,
