@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import dataclasses
 
+from qvaudio.core.actions import Notify, Send
 from qvaudio.core.connection import Connection
 from qvaudio.core.events import (
     CaptureData,
@@ -26,21 +27,18 @@ from qvaudio.core.events import (
     StreamStatus,
 )
 from qvaudio.core.formats import AudioFormat, SampleFormat
+from qvaudio.core.guest_idle import IdleMethod, idle_method, sink_suspension
 from qvaudio.core.guest_session import (
     Action,
     Disconnect,
     GuestConfig,
     GuestSession,
-    IdleMethod,
+    GuestState,
     LatencyReport,
     MicAudio,
     MicFormat,
-    Notify,
-    Send,
     StartMonitor,
     StopMonitor,
-    idle_method,
-    sink_suspension,
 )
 
 S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
@@ -282,3 +280,20 @@ def test_shutdown_with_any_reason_says_goodbye() -> None:
     h.run(h.session.shutdown("é" * 200))
     assert isinstance(h.to_dom0[-1], Goodbye)
     assert h.to_dom0[-1].reason == "é" * 100
+
+
+def test_the_agents_state_comes_from_the_session() -> None:
+    assert GuestState.of(None, audio_server=False) is GuestState.NO_AUDIO_SERVER
+    assert GuestState.of(None, audio_server=True) is GuestState.WAITING_FOR_DOM0
+    h = Harness()
+    assert GuestState.of(h.session, audio_server=False) is GuestState.NO_AUDIO_SERVER
+    h.accept_all()
+    h.run(h.session.audio(SOUND, h.now))
+    assert GuestState.of(h.session, audio_server=True) is GuestState.STREAMING
+    h.run(h.session.nothing_playing(h.now))
+    assert h.session.state is GuestState.IDLE
+    denied = Harness()
+    denied.accept_all()
+    denied.from_dom0(PlaybackState(StreamStatus.DENIED, "policy"))
+    assert denied.session.state is GuestState.CONNECTED, "neither streaming nor corked"
+    assert GuestState.STREAMING.value == "streaming"

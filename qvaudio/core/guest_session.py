@@ -11,19 +11,17 @@ shell says nothing plays), the stream is corked and nothing is sent; the
 first non-silent period uncorks it, so sound resumes within one period.
 
 An idle agent must also cost no CPU, so its monitor stream must deliver
-nothing while no application plays. `IdleMethod` and `sink_suspension`
-decide how, per audio server.
+nothing while no application plays: `qvaudio.core.guest_idle` decides how,
+per audio server.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
-from qvaudio.core.actions import Log as Log  # re-exported: the shells import actions from here
-from qvaudio.core.actions import Notify as Notify
-from qvaudio.core.actions import Send as Send
+from qvaudio.core.actions import Log, Notify, Send
 from qvaudio.core.codec import pcm_chunks
 from qvaudio.core.connection import ConnectionState
 from qvaudio.core.events import (
@@ -94,6 +92,25 @@ class GuestConfig:
     #: dom0 reports position at least once a second; this long without a
     #: frame from dom0 means the transport is dead (suspend, migration).
     peer_timeout: float = 5.0
+
+
+class GuestState(StrEnum):
+    """What the guest agent is doing, as its status file says."""
+
+    NO_AUDIO_SERVER = "no-audio-server"
+    WAITING_FOR_DOM0 = "waiting-for-dom0"
+    STREAMING = "streaming"
+    IDLE = "idle"
+    CONNECTED = "connected"
+
+    @classmethod
+    def of(cls, session: GuestSession | None, audio_server: bool) -> GuestState:
+        """The agent's state: without an audio server or dom0, there is no session to ask."""
+        if not audio_server:
+            return cls.NO_AUDIO_SERVER
+        if session is None:
+            return cls.WAITING_FOR_DOM0
+        return session.state
 
 
 class GuestSession(Session):
@@ -331,6 +348,15 @@ class GuestSession(Session):
             Notify("Microphone not allowed for this VM", reason),
         ]
 
+    @property
+    def state(self) -> GuestState:
+        """Streaming, idle (corked: nothing plays) or connected (neither, e.g. denied)."""
+        if self.streaming:
+            return GuestState.STREAMING
+        if self.conn.corked:
+            return GuestState.IDLE
+        return GuestState.CONNECTED
+
     def _close(self, reason: str, goodbye: bytes | None) -> list[Action]:
         self._end(reason)
         actions: list[Action] = [Log(logging.WARNING, reason)]
@@ -338,47 +364,6 @@ class GuestSession(Session):
             actions.append(Send(goodbye))
         actions.append(Disconnect(reason))
         return actions
-
-
-class IdleMethod(Enum):
-    """How the virtual output's monitor is kept quiet while no application plays."""
-
-    #: PulseAudio: the agent suspends the sink; its monitor then delivers
-    #: nothing, and a resumed sink restarts its clock with our short period.
-    #: An application's stream created meanwhile waits for the resume. The
-    #: monitor stream stays open: one opened when an application starts
-    #: misses the start, as an idle null sink renders in blocks of up to 2 s.
-    SUSPEND_SINK = "suspend-sink"
-    #: PipeWire: suspending a sink that a stream is linked to does not stop
-    #: its graph, so an open monitor would deliver silence 100 times a second
-    #: (~2 % of a CPU to read and drop). The monitor stream is passive
-    #: (node.passive=true) instead: it does not keep the graph running, and
-    #: the graph runs again when an application's stream is linked. Closing
-    #: the monitor while idle was tried too, and lost the first ~40 ms of
-    #: each sound to the time it takes to open a stream.
-    PASSIVE_MONITOR = "passive-monitor"
-
-
-def idle_method(server_name: str) -> IdleMethod:
-    """The method for a server, from its `server_info().server_name`."""
-    if "pipewire" in server_name.lower():
-        return IdleMethod.PASSIVE_MONITOR
-    return IdleMethod.SUSPEND_SINK
-
-
-def sink_suspension(method: IdleMethod, players: int, suspended: bool) -> bool | None:
-    """True: suspend the virtual output now; False: resume it; None: leave it.
-
-    Asked again after every change on the server, so a resume by someone
-    else (the monitor's clock restart, a user) while nothing plays is undone.
-    """
-    if method is not IdleMethod.SUSPEND_SINK:
-        return None
-    if players == 0 and not suspended:
-        return True
-    if players > 0 and suspended:
-        return False
-    return None
 
 
 class LatencyReport:

@@ -31,7 +31,7 @@ import pulsectl
 import pulsectl._pulsectl
 
 from qvaudio.core.formats import AudioFormat
-from qvaudio.core.guest_session import IdleMethod, idle_method, sink_suspension
+from qvaudio.core.guest_idle import IdleMethod, idle_method, sink_suspension
 from qvaudio.pulse import devices as pulse_devices
 from qvaudio.pulse.devices import Pulse
 

@@ -44,19 +44,18 @@ import pulsectl
 from qvaudio.common.config import GuestSettings
 from qvaudio.common.notify import Notifier
 from qvaudio.common.sdnotify import sd_notify, watchdog_interval
+from qvaudio.core.actions import Log, Notify, Send
 from qvaudio.core.formats import AudioFormat
+from qvaudio.core.guest_idle import IdleMethod
 from qvaudio.core.guest_session import (
     Action,
     Disconnect,
     GuestConfig,
     GuestSession,
-    IdleMethod,
+    GuestState,
     LatencyReport,
-    Log,
     MicAudio,
     MicFormat,
-    Notify,
-    Send,
     StartMonitor,
     StopMonitor,
 )
@@ -70,10 +69,10 @@ from qvaudio.guest.devices import (
     UsageChanged,
 )
 from qvaudio.guest.outbox import Outbox
-from qvaudio.guest.pcm_threads import Mailbox, MicWriter, MonitorAudio, MonitorFailed, MonitorReader
+from qvaudio.guest.pcm_threads import Mailbox, MonitorAudio, MonitorFailed
 from qvaudio.guest.status import StatusFile, default_status_path
+from qvaudio.guest.workers import PcmWorkers
 from qvaudio.pulse import devices as pulse_devices
-from qvaudio.pulse.devices import backing_sink_name
 from qvaudio.transport import Listener, Stream, StreamClosed, TransportError, listen, parse_address
 
 log = logging.getLogger(__name__)
@@ -84,8 +83,6 @@ TICK_S: Final = 0.5
 STATUS_EVERY_S: Final = 2.0
 #: Audio allowed to wait for a slow transport before the oldest is dropped.
 OUTBOX_AUDIO_MS: Final = 250
-#: After the monitor stream failed on its own (not with the server), try again after this.
-MONITOR_RETRY_S: Final = 1.0
 READS_PER_WAKEUP: Final = 16
 READ_CHUNK: Final = 65536
 THREAD_JOIN_S: Final = 1.0
@@ -116,10 +113,7 @@ class GuestAgent:
         self.stream_events = 0
         self.session: GuestSession | None = None
         self.outbox = Outbox(settings.formats[0].bytes_for_ms(OUTBOX_AUDIO_MS))
-        self.monitor: MonitorReader | None = None
-        self.monitor_retry_at = 0.0
-        self.monitor_failures = 0
-        self.mic: MicWriter | None = None
+        self.workers = PcmWorkers(self.mailbox, self.server, settings)
         self.playback_format: AudioFormat | None = None
         self.mic_format: AudioFormat | None = None
         self.devices_ready = False
@@ -163,8 +157,8 @@ class GuestAgent:
             deadlines.append(self.next_tick)
         if self.status_dirty:
             deadlines.append(self.next_status)
-        if self.monitor_retry_at:
-            deadlines.append(self.monitor_retry_at)
+        if self.workers.retry_at:
+            deadlines.append(self.workers.retry_at)
         if self.watchdog:
             deadlines.append(self.next_watchdog)
         if not deadlines:
@@ -185,8 +179,7 @@ class GuestAgent:
         if self.session is not None and now >= self.next_tick:
             self.next_tick = now + TICK_S
             self._execute(self.session.tick(now))
-        if self.monitor_retry_at and now >= self.monitor_retry_at:
-            self.monitor_retry_at = 0.0
+        if self.workers.retry_due(now):
             self._update_monitor()
         if self.status_dirty and now >= self.next_status:
             self.next_status = now + STATUS_EVERY_S
@@ -326,8 +319,8 @@ class GuestAgent:
                     self.playback_format = None
                     self._update_monitor()
                 case MicAudio(pcm=pcm):
-                    if self.mic is not None:
-                        self.mic.put(pcm)
+                    if self.workers.mic is not None:
+                        self.workers.mic.put(pcm)
                 case MicFormat(format=fmt):
                     self.mic_format = fmt
                     self._update_mic()
@@ -340,8 +333,8 @@ class GuestAgent:
         self._flush()
         if disconnect is not None:
             self._drop_connection(disconnect)
-        if self.monitor is not None and self.session is not None:
-            self.monitor.drop_silence = self.session.conn.corked
+        if self.session is not None:
+            self.workers.drop_silence(self.session.conn.corked)
 
     # -- the worker threads ----------------------------------------------------------------
 
@@ -349,21 +342,14 @@ class GuestAgent:
         now = time.monotonic()
         match message:
             case MonitorAudio(reader=reader, pcm=pcm):
-                if reader is self.monitor and self.session is not None:
-                    self.monitor_failures = 0
+                if self.session is not None and self.workers.delivered(reader):
                     self._execute(self.session.audio(pcm, now))
             case MonitorFailed(reader=reader, reason=reason):
-                if reader is self.monitor:
-                    self.monitor_failures += 1
-                    level = logging.WARNING if self.monitor_failures == 1 else logging.DEBUG
-                    log.log(level, "recording the virtual output failed: %s", reason)
-                    self.monitor = None
-                    if self.devices_ready:
-                        self.monitor_retry_at = now + MONITOR_RETRY_S
+                self.workers.monitor_failed(reader, reason, now, retry=self.devices_ready)
             case DevicesReady(usage=usage, idle_method=method):
                 self.devices_ready = True
                 self.idle_method = method
-                self.monitor_failures = 0
+                self.workers.server_ready()
                 if not self.told_ready:
                     self.told_ready = True
                     sd_notify("READY=1")
@@ -394,47 +380,16 @@ class GuestAgent:
         self._update_monitor()
         self._update_mic()
 
+    def _pcm_wanted(self) -> bool:
+        """PCM threads run while connected to dom0 with an audio server, until the end."""
+        return not self.stopping and self.session is not None and self.devices_ready
+
     def _update_monitor(self) -> None:
-        fmt = self.playback_format
-        want = (
-            not self.stopping
-            and self.session is not None
-            and fmt is not None
-            and self.devices_ready
-        )
-        current = self.monitor
-        if current is not None and (not want or current.format != fmt):
-            current.stop()
-            self.monitor = current = None
-        if want and current is None and fmt is not None and not self.monitor_retry_at:
-            self.monitor = MonitorReader(
-                self.mailbox,
-                self.server,
-                self.settings.sink_name,
-                fmt,
-                self.settings.period_ms,
-                passive=self.idle_method is IdleMethod.PASSIVE_MONITOR,
-            )
+        fmt = self.playback_format if self._pcm_wanted() else None
+        self.workers.want_monitor(fmt, passive=self.idle_method is IdleMethod.PASSIVE_MONITOR)
 
     def _update_mic(self) -> None:
-        fmt = self.mic_format
-        want = (
-            not self.stopping
-            and self.session is not None
-            and fmt is not None
-            and self.devices_ready
-        )
-        current = self.mic
-        if current is not None and (not want or current.format != fmt):
-            current.stop()
-            self.mic = current = None
-        if want and current is None and fmt is not None:
-            self.mic = MicWriter(
-                self.server,
-                backing_sink_name(self.settings.source_name),
-                fmt,
-                self.settings.period_ms,
-            )
+        self.workers.want_mic(self.mic_format if self._pcm_wanted() else None)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -465,22 +420,12 @@ class GuestAgent:
 
     def _status(self) -> dict[str, Any]:
         session = self.session
-        if not self.devices_ready:
-            state = "no-audio-server"
-        elif session is None:
-            state = "waiting-for-dom0"
-        elif session.streaming:
-            state = "streaming"
-        elif session.conn.corked:
-            state = "idle"
-        else:
-            state = "connected"
         latency = None
         if session is not None and session.streaming:
             latency = session.latency_us(self._local_latency_us())
         return {
             "pid": os.getpid(),
-            "state": state,
+            "state": GuestState.of(session, self.devices_ready).value,
             "transport": self.settings.transport,
             "peer": self.stream.address if self.stream is not None else None,
             "format": self.playback_format.spec() if self.playback_format else None,
@@ -506,10 +451,7 @@ class GuestAgent:
             self._drop_connection("shutting down")
         if self.listener is not None:
             self.listener.close()
-        workers: list[MonitorReader | MicWriter] = [w for w in (self.monitor, self.mic) if w]
-        for worker in workers:
-            worker.stop()
-        self.monitor = self.mic = None
+        workers = self.workers.stop()
         self.watcher.stop()
         for worker in workers:
             worker.join(THREAD_JOIN_S)
