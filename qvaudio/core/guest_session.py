@@ -166,6 +166,22 @@ class GuestSession(Session):
         in_flight = max(0, self._sent_at_position - position.received_frames)
         return local_us + in_flight * 1_000_000 // fmt.rate + position.playback_latency_us
 
+    def end_to_end_us(self, period_ms: int, waiting_bytes: int) -> int | None:
+        """`latency_us`, the guest's part worked out: one period (the reader hands
+        audio over a period at a time) and `waiting_bytes` of audio that wait
+        for the transport.
+
+        Not the monitor stream's own latency figure: on PulseAudio a monitor
+        opened on a suspended sink (as the idle virtual output is) reports the
+        whole time since it opened, seconds or hours, and works that off only
+        at real time once sound flows (measured: 7.0 s after a 7 s suspension,
+        6.4 s half a second into the sound, 0 after 7 s), while the audio
+        itself arrives at once.
+        """
+        fmt = self.playback_format
+        local_us = 0 if fmt is None else period_ms * 1000 + fmt.duration_us(waiting_bytes)
+        return self.latency_us(local_us)
+
     # -- inputs --------------------------------------------------------------------------
 
     def start(self, now: float) -> list[Action]:

@@ -10,21 +10,9 @@ mailbox that the worker threads post to:
 * `MonitorReader` (qvaudio.guest.pcm_threads): records the virtual output's
   monitor while dom0 takes playback;
 * `MicWriter`: plays dom0's microphone audio into the virtual microphone
-  (open while dom0 is connected, for the same reason as the monitor below).
-
-The monitor is recorded for as long as dom0 takes playback, even while no
-application plays. Opening it only when an application starts was tried and
-loses the start of the sound: a PulseAudio null sink with no low-latency
-reader renders in blocks of up to 2 s, so by the time a new monitor stream
-is connected the application's first ~2 s have already been rendered (and
-were never recorded). The open stream should still cost nothing while
-idle: reading the null sink's silence every period costs ~2 % of a CPU. On
-PulseAudio the watcher therefore suspends the idle sink and resumes it when
-an application's stream appears (the stream's audio waits for the resume);
-the monitor delivers nothing meanwhile and the reader sleeps in C. On
-PipeWire the monitor stream is passive, so the server pauses it whenever no
-application's stream keeps the graph running
-(`qvaudio.core.guest_session.IdleMethod`).
+  (open while dom0 is connected, for the same reason as the monitor; which
+  of the two run, and why the monitor runs even while nothing plays, is
+  `qvaudio.guest.workers`).
 """
 
 from __future__ import annotations
@@ -393,27 +381,14 @@ class GuestAgent:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def _local_latency_us(self) -> int:
-        """The guest's part: one period (the reader hands audio over a period
-        at a time) and what waits for the transport.
-
-        Not the monitor stream's own latency figure: on PulseAudio a monitor
-        opened on a suspended sink (as the idle virtual output is) reports the
-        whole time since it opened, seconds or hours, and works that off only
-        at real time once sound flows (measured: 7.0 s after a 7 s suspension,
-        6.4 s half a second into the sound, 0 after 7 s), while the audio
-        itself arrives at once.
-        """
-        fmt = self.playback_format
-        if fmt is None:
-            return 0
-        return self.settings.period_ms * 1000 + fmt.duration_us(self.outbox.audio_bytes)
+    def _latency_us(self, session: GuestSession) -> int | None:
+        return session.end_to_end_us(self.settings.period_ms, self.outbox.audio_bytes)
 
     def _report_latency(self, now: float) -> None:
         session = self.session
         if session is None or not session.streaming:
             return
-        latency = session.latency_us(self._local_latency_us())
+        latency = self._latency_us(session)
         if self.latency_report.due(latency, now):
             assert latency is not None
             log.info("end-to-end playback latency %.1f ms", latency / 1000)
@@ -422,7 +397,7 @@ class GuestAgent:
         session = self.session
         latency = None
         if session is not None and session.streaming:
-            latency = session.latency_us(self._local_latency_us())
+            latency = self._latency_us(session)
         return {
             "pid": os.getpid(),
             "state": GuestState.of(session, self.devices_ready).value,

@@ -7,6 +7,19 @@ a connection, an agreed format and an audio server; a format change
 replaces it. A monitor stream that failed on its own (not with the server)
 is tried again after `MONITOR_RETRY_S`, not in a tight loop, and only its
 first failure in a row is a warning.
+
+The monitor is recorded for as long as dom0 takes playback, even while no
+application plays. Opening it only when an application starts was tried and
+loses the start of the sound: a PulseAudio null sink with no low-latency
+reader renders in blocks of up to 2 s, so by the time a new monitor stream
+is connected the application's first ~2 s have already been rendered (and
+were never recorded). The open stream should still cost nothing while
+idle: reading the null sink's silence every period costs ~2 % of a CPU. On
+PulseAudio the watcher therefore suspends the idle sink and resumes it when
+an application's stream appears (the stream's audio waits for the resume);
+the monitor delivers nothing meanwhile and the reader sleeps in C. On
+PipeWire the monitor stream is passive, so the server pauses it whenever no
+application's stream keeps the graph running (`qvaudio.core.guest_idle`).
 """
 
 from __future__ import annotations
