@@ -308,7 +308,7 @@ import os, signal, sys, time
 from pathlib import Path
 from typing import Any
 import qvaudio.dom0.policy_watch as policy_watch
-from qvaudio.agent_dom0 import Dom0Agent
+from qvaudio.dom0.agent import Dom0Agent
 from qvaudio.common.config import Dom0Settings
 
 base = Path(sys.argv[1])
