@@ -158,7 +158,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qvaudio.demo import run_demo
+    from qvaudio.demo.run import run_demo
 
     return run_demo(args)
 

@@ -285,8 +285,8 @@ def installed_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     shutil.copytree(CHECKOUT / "qvaudio", site / "qvaudio", ignore=shutil.ignore_patterns("*.pyc"))
     etc = tmp_path / "etc"
     for module, installed in (
-        ("policy_loader.py", "/etc/qvaudio/policy.d"),
-        ("config.py", "/etc/qvaudio/qvaudio.yaml"),
+        ("dom0/policy_loader.py", "/etc/qvaudio/policy.d"),
+        ("common/config.py", "/etc/qvaudio/qvaudio.yaml"),
     ):
         source = site / "qvaudio" / module
         text = source.read_text()
