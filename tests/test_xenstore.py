@@ -30,7 +30,8 @@ from qvaudio.core.domains import (
     parse_tags,
     validate_name,
 )
-from qvaudio.dom0.xenstore import DomainWatcher, XenStore, XenStoreError, default_socket_path
+from qvaudio.dom0.xenstore import XenStore, XenStoreError, default_socket_path
+from qvaudio.dom0.xenstore_watch import DomainWatcher
 from tests.waiting import wait_until
 from tests.xenstored import XenstoredProcess, XenstoreSim
 

@@ -28,7 +28,8 @@ from qvaudio.core.domains import (
     validate_name,
 )
 from qvaudio.core.policy import VmIdentity
-from qvaudio.dom0.xenstore import DomainWatcher, XenStore, XenStoreError
+from qvaudio.dom0.xenstore import XenStore, XenStoreError
+from qvaudio.dom0.xenstore_watch import DomainWatcher
 from qvaudio.transport import Address, UnixAddress, VsockAddress, XenAddress
 
 log = logging.getLogger(__name__)
