@@ -30,11 +30,11 @@ import os
 import select
 import threading
 from importlib import resources
-from types import TracebackType
 from typing import Any, Final, NoReturn
 
 import cffi
 
+from qvaudio.common.closing import Closing
 from qvaudio.core.errors import QvaudioError
 from qvaudio.core.xen import MAX_DOMID, XENBUS_PATH, XENSTORED_ENV, XENSTORED_SOCKETS, vchan_path
 
@@ -266,7 +266,7 @@ def _ring_size(name: str, value: int) -> int:
     return value
 
 
-class Vchan:
+class Vchan(Closing):
     """One end of a vchan. Create with `Vchan.server` or `Vchan.client`.
 
     Non-blocking by default: `read`/`write` move what they can now, and the
@@ -364,17 +364,6 @@ class Vchan:
         ctrl, self._ctrl = self._ctrl, None
         if ctrl is not None:
             ffi.release(ctrl)
-
-    def __enter__(self) -> Vchan:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         role = "server" if self.is_server else "client"

@@ -18,8 +18,6 @@ from qvaudio.core.actions import Log, Notify
 from qvaudio.core.codec import pcm_chunks
 from qvaudio.core.dom0_actions import Action, StartCapture, StopCapture
 from qvaudio.core.dom0_base import VmSessionBase
-from qvaudio.core.dom0_grants import MicGrants
-from qvaudio.core.dom0_limits import Limits
 from qvaudio.core.events import (
     MAX_PAYLOAD,
     CaptureData,
@@ -32,7 +30,7 @@ from qvaudio.core.events import (
     clip_reason,
 )
 from qvaudio.core.formats import AudioFormat
-from qvaudio.core.policy import Access, Policy, VmIdentity, choose_format
+from qvaudio.core.policy import Access, choose_format
 
 
 class MicState(enum.Enum):
@@ -50,16 +48,8 @@ class MicState(enum.Enum):
 class CaptureSide(VmSessionBase):
     """What dom0 decides about one VM's microphone."""
 
-    def __init__(
-        self,
-        vm: VmIdentity,
-        policy: Policy,
-        now: float,
-        *,
-        grants: MicGrants | None = None,
-        limits: Limits | None = None,
-    ) -> None:
-        super().__init__(vm, policy, now, grants=grants, limits=limits)
+    def _init_capture(self) -> None:
+        """The microphone side's state (`VmSession.__init__` calls it)."""
         self.mic = MicState.OFF
         self._capture_stalled_since: float | None = None
 

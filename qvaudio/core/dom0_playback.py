@@ -16,8 +16,6 @@ import math
 from qvaudio.core.actions import Log
 from qvaudio.core.dom0_actions import Action, Play, StartPlayback, StopPlayback
 from qvaudio.core.dom0_base import VmSessionBase
-from qvaudio.core.dom0_grants import MicGrants
-from qvaudio.core.dom0_limits import Limits
 from qvaudio.core.events import (
     FormatAccept,
     FormatRefuse,
@@ -29,22 +27,14 @@ from qvaudio.core.events import (
 )
 from qvaudio.core.formats import AudioFormat
 from qvaudio.core.gain import apply_gain, percent_to_gain
-from qvaudio.core.policy import Direction, Policy, VmIdentity, choose_format
+from qvaudio.core.policy import Direction, choose_format
 
 
 class PlaybackSide(VmSessionBase):
     """What dom0 decides about one VM's playback."""
 
-    def __init__(
-        self,
-        vm: VmIdentity,
-        policy: Policy,
-        now: float,
-        *,
-        grants: MicGrants | None = None,
-        limits: Limits | None = None,
-    ) -> None:
-        super().__init__(vm, policy, now, grants=grants, limits=limits)
+    def _init_playback(self, now: float) -> None:
+        """The playback side's state (`VmSession.__init__` calls it)."""
         self.playback_active = False
         #: Short PCM frames joined until they make `coalesce_ms` (see _play).
         self._held = bytearray()

@@ -74,6 +74,8 @@ class VmSession(PlaybackSide, CaptureSide):
         limits: Limits | None = None,
     ) -> None:
         super().__init__(vm, policy, now, grants=grants, limits=limits)
+        self._init_playback(now)
+        self._init_capture()
         self._started = now
         self._partial_since: float | None = None
         self._last_position = now

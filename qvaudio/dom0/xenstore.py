@@ -23,6 +23,7 @@ from typing import Any, Final
 import pyxs
 import pyxs.exceptions
 
+from qvaudio.common.closing import Closing
 from qvaudio.core.domains import (
     TOOLSTACK_DOMID,
     InvalidName,
@@ -73,7 +74,7 @@ def _errno_of(exc: Exception) -> int | None:
     return code if isinstance(code, int) else None
 
 
-class XenStore:
+class XenStore(Closing):
     """A connection to xenstored over its Unix socket (dom0 only).
 
     Safe to share between threads as long as nobody starts a transaction
@@ -92,12 +93,6 @@ class XenStore:
         self.layout = layout or MetadataLayout()
         self._client = _connect(self.socket_path)
         self._closed = False
-
-    def __enter__(self) -> XenStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def close(self) -> None:
         if not self._closed:

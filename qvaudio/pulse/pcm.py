@@ -49,11 +49,11 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from importlib import resources
-from types import TracebackType
 from typing import Any, Final, Self
 
 import cffi
 
+from qvaudio.common.closing import Closing
 from qvaudio.core.errors import QvaudioError
 from qvaudio.core.formats import AudioFormat, SampleFormat
 
@@ -178,7 +178,7 @@ def _enc(text: str | None) -> Any:
     return _ffi.NULL if text is None else text.encode("utf-8")
 
 
-class PcmStream:
+class PcmStream(Closing):
     """One blocking playback or record stream (a pa_simple connection).
 
     `read`, `write`, `drain`, `flush` and `latency_us` may be called from
@@ -367,17 +367,6 @@ class PcmStream:
             handle, self._handle = self._handle, None
         _load()[0].pa_simple_free(handle)
         log.debug("closed %s", self._description)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # A forgotten stream would otherwise keep its server connection forever.

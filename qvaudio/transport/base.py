@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import abc
 import enum
-from types import TracebackType
-from typing import Self
 
+from qvaudio.common.closing import Closing
 from qvaudio.core.errors import QvaudioError
 
 
@@ -53,7 +52,7 @@ class PeerUnavailable(TransportError):
     """The mechanism works but nobody is listening at the address (yet): retry later."""
 
 
-class Stream(abc.ABC):
+class Stream(Closing, abc.ABC):
     """A connected, non-blocking byte stream."""
 
     def __init__(self, address: str) -> None:
@@ -96,22 +95,11 @@ class Stream(abc.ABC):
     def close(self) -> None:
         """Close; calling it again does nothing. Later I/O raises `StreamClosed`."""
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address} {self.state.value}>"
 
 
-class Listener(abc.ABC):
+class Listener(Closing, abc.ABC):
     """Waits for the peer to connect; the guest side."""
 
     def __init__(self, address: str) -> None:
@@ -133,17 +121,6 @@ class Listener(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Stop listening (idempotent). Streams already accepted stay open."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address}>"
