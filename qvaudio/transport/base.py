@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from typing import Generic, Protocol, TypeVar
 
 from qvaudio.common.closing import Closing
 from qvaudio.core.errors import QvaudioError
@@ -97,6 +98,44 @@ class Stream(Closing, abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.address} {self.state.value}>"
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+H = TypeVar("H", bound=_HasFileno)
+
+
+class LevelTriggeredStream(Stream, Generic[H]):
+    """A stream over one level-triggered handle (a socket, an epoll over pipes).
+
+    Nothing is consumed when it wakes; it is closed on this side once its
+    handle is gone, and at its end once `_gone` said so.
+    """
+
+    #: What a person can do about a peer that went away (the `StreamClosed` hint).
+    GONE_HINT = "the peer agent stopped or restarted"
+
+    def __init__(self, address: str, handle: H) -> None:
+        super().__init__(address)
+        self._handle: H | None = handle
+        self._eof = False
+
+    def _live(self) -> H:
+        if self._handle is None:
+            raise StreamClosed(f"{self.address}: stream was closed on this side")
+        return self._handle
+
+    def _gone(self, why: str) -> StreamClosed:
+        self._eof = True
+        return StreamClosed(f"{self.address}: {why}", self.GONE_HINT)
+
+    def fileno(self) -> int:
+        return self._live().fileno()
+
+    def handle_wakeup(self) -> None:
+        """Nothing to consume: readiness is level-triggered."""
 
 
 class Listener(Closing, abc.ABC):

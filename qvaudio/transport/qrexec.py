@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Final
 
 from qvaudio.transport.base import (
+    LevelTriggeredStream,
     Listener,
     Stream,
-    StreamClosed,
     StreamState,
     TransportError,
     TransportUnavailable,
 )
-from qvaudio.transport.sockets import SocketStream
+from qvaudio.transport.sockets import SocketStream, ioctl_int
 
 log = logging.getLogger(__name__)
 
@@ -167,20 +167,18 @@ class QrexecDialer(Listener):
 
 
 # ------------------------------------------------------------------- dom0
-def _ioctl_int(fd: int, request: int) -> int:
-    return int(_INT.unpack(fcntl.ioctl(fd, request, _INT.pack(0)))[0])
-
-
 def _set_nonblocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
-class FdPairStream(Stream):
+class FdPairStream(LevelTriggeredStream[select.epoll]):
     """A stream over a read fd and a write fd (qrexec's stdin and stdout).
 
     The event loop wants one fd per stream, so `fileno` is an epoll fd
     watching both: readable when there is data, or room while want_write.
     """
+
+    GONE_HINT = "the VM's agent stopped, or qrexec ended"
 
     def __init__(
         self,
@@ -191,37 +189,21 @@ class FdPairStream(Stream):
         remote_domain: str,
         keepalive: socket.socket | None = None,
     ) -> None:
-        super().__init__(address)
         #: The calling VM's name as qrexec reported it to the service handler.
         self.remote_domain = remote_domain
         self._rfd, self._wfd = read_fd, write_fd
         for fd in {read_fd, write_fd}:
             _set_nonblocking(fd)
         self._keepalive = keepalive  # closing it lets the handler, and the call, end
-        self._epoll: select.epoll | None = select.epoll()
-        self._epoll.register(read_fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self._epoll.register(write_fd, 0)
+        epoll = select.epoll()
+        epoll.register(read_fd, select.EPOLLIN | select.EPOLLRDHUP)
+        epoll.register(write_fd, 0)
+        super().__init__(address, epoll)
         self._want_write = False
-        self._eof = False
-
-    def _live(self) -> select.epoll:
-        if self._epoll is None:
-            raise StreamClosed(f"{self.address}: stream was closed on this side")
-        return self._epoll
-
-    def _gone(self, why: str) -> StreamClosed:
-        self._eof = True
-        return StreamClosed(f"{self.address}: {why}", "the VM's agent stopped, or qrexec ended")
-
-    def fileno(self) -> int:
-        return self._live().fileno()
-
-    def handle_wakeup(self) -> None:
-        """Nothing to consume: epoll is level-triggered here."""
 
     @property
     def state(self) -> StreamState:
-        if self._epoll is None or self._eof:
+        if self._handle is None or self._eof:
             return StreamState.CLOSED
         return StreamState.CONNECTED
 
@@ -253,7 +235,7 @@ class FdPairStream(Stream):
     def data_ready(self) -> int:
         self._live()
         try:
-            return _ioctl_int(self._rfd, termios.FIONREAD)
+            return ioctl_int(self._rfd, termios.FIONREAD)
         except OSError:
             return 0
 
@@ -267,9 +249,9 @@ class FdPairStream(Stream):
                 size = sndbuf.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             finally:
                 sndbuf.close()
-            queued = _ioctl_int(self._wfd, termios.TIOCOUTQ)
+            queued = ioctl_int(self._wfd, termios.TIOCOUTQ)
             return max(0, size - queued)
-        return max(0, size - _ioctl_int(self._wfd, termios.FIONREAD))
+        return max(0, size - ioctl_int(self._wfd, termios.FIONREAD))
 
     def poll_events(self, want_write: bool) -> int:
         epoll = self._live()
@@ -279,7 +261,7 @@ class FdPairStream(Stream):
         return selectors.EVENT_READ
 
     def close(self) -> None:
-        epoll, self._epoll = self._epoll, None
+        epoll, self._handle = self._handle, None
         if epoll is None:
             return
         epoll.close()

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from qvaudio.transport.base import (
+    LevelTriggeredStream,
     Listener,
     PeerUnavailable,
     Stream,
-    StreamClosed,
     StreamState,
     TransportError,
     TransportUnavailable,
@@ -38,41 +38,24 @@ _INT: Final = struct.Struct("i")
 _GONE: Final = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
-def _ioctl_int(fd: int, request: int) -> int:
+def ioctl_int(fd: int, request: int) -> int:
     result = fcntl.ioctl(fd, request, _INT.pack(0))
     return int(_INT.unpack(result)[0])
 
 
-class SocketStream(Stream):
+class SocketStream(LevelTriggeredStream[socket.socket]):
     """A connected stream socket, switched to non-blocking mode."""
 
     def __init__(self, sock: socket.socket, address: str) -> None:
-        super().__init__(address)
         sock.setblocking(False)
-        self._sock: socket.socket | None = sock
-        self._eof = False
-
-    def _live(self) -> socket.socket:
-        if self._sock is None:
-            raise StreamClosed(f"{self.address}: stream was closed on this side")
-        return self._sock
-
-    def _peer_gone(self, why: str) -> StreamClosed:
-        self._eof = True
-        return StreamClosed(f"{self.address}: {why}", "the peer agent stopped or restarted")
-
-    def fileno(self) -> int:
-        return self._live().fileno()
-
-    def handle_wakeup(self) -> None:
-        """Nothing to consume: a socket's readiness is level-triggered."""
+        super().__init__(address, sock)
 
     @property
     def state(self) -> StreamState:
-        if self._sock is None or self._eof:
+        if self._handle is None or self._eof:
             return StreamState.CLOSED
         try:
-            peeked = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peeked = self._handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return StreamState.CONNECTED
         except _GONE:
@@ -82,15 +65,15 @@ class SocketStream(Stream):
     def read(self, max_bytes: int) -> bytes:
         sock = self._live()
         if self._eof:
-            raise self._peer_gone("end of stream")
+            raise self._gone("end of stream")
         try:
             data = sock.recv(max_bytes)
         except (BlockingIOError, InterruptedError):
             return b""
         except _GONE as exc:
-            raise self._peer_gone(f"connection lost ({exc.strerror})") from exc
+            raise self._gone(f"connection lost ({exc.strerror})") from exc
         if not data:
-            raise self._peer_gone("the peer closed the stream")
+            raise self._gone("the peer closed the stream")
         return data
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -103,12 +86,12 @@ class SocketStream(Stream):
         except (BlockingIOError, InterruptedError):
             return 0
         except _GONE as exc:
-            raise self._peer_gone(f"connection lost ({exc.strerror})") from exc
+            raise self._gone(f"connection lost ({exc.strerror})") from exc
 
     def data_ready(self) -> int:
         sock = self._live()
         try:
-            return _ioctl_int(sock.fileno(), termios.FIONREAD)
+            return ioctl_int(sock.fileno(), termios.FIONREAD)
         except OSError:
             pass  # older vsock kernels lack FIONREAD; peeking works everywhere
         try:
@@ -122,7 +105,7 @@ class SocketStream(Stream):
         sock = self._live()
         sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         try:
-            queued = _ioctl_int(sock.fileno(), termios.TIOCOUTQ)  # SIOCOUTQ
+            queued = ioctl_int(sock.fileno(), termios.TIOCOUTQ)  # SIOCOUTQ
         except OSError:
             return sndbuf  # no SIOCOUTQ (older vsock): the best we can say
         # The kernel counts its bookkeeping overhead in both figures, so this
@@ -133,7 +116,7 @@ class SocketStream(Stream):
         return selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
+        sock, self._handle = self._handle, None
         if sock is not None:
             sock.close()
 
