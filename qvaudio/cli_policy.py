@@ -28,9 +28,13 @@ if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _print_problems(exc: PolicyLoadError) -> None:
+def _refused(exc: PolicyLoadError, why: str = "") -> int:
+    """Every problem as file:line: message on stderr, then `why`; the exit status, 1."""
     for problem in exc.problems:
         print(problem, file=sys.stderr)
+    if why:
+        print(why, file=sys.stderr)
+    return 1
 
 
 def _warn_shadowed(policy: Policy) -> None:
@@ -51,8 +55,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         policy = load_policy_paths(paths, strict=not args.no_strict)
     except PolicyLoadError as exc:
-        _print_problems(exc)
-        return 1
+        return _refused(exc)
     _warn_shadowed(policy)
     print(f"OK: {len(policy.files)} files, {len(policy.rules)} rules")
     return 0
@@ -65,13 +68,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         policy = load_policy_dir(directory, strict=not args.no_strict)
     except PolicyLoadError as exc:
-        _print_problems(exc)
-        print(
+        return _refused(
+            exc,
             f"the policy in {directory} is invalid: a starting agent denies all audio, "
             "a running one keeps its last good policy",
-            file=sys.stderr,
         )
-        return 1
     vm = VmIdentity(args.vm, tags)
     settings = resolve(policy, vm)
     print(f"vm: {vm.name}" + (f" (tags: {', '.join(sorted(tags))})" if tags else ""))
@@ -94,9 +95,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         print(f"policy set: {exc}", file=sys.stderr)
         return 1
     except PolicyLoadError as exc:
-        _print_problems(exc)
-        print("policy set: nothing was written", file=sys.stderr)
-        return 1
+        return _refused(exc, "policy set: nothing was written")
     except OSError as exc:
         print(f"policy set: {exc}", file=sys.stderr)
         return 1
@@ -107,13 +106,11 @@ def cmd_set(args: argparse.Namespace) -> int:
     except PolicyLoadError as exc:
         # Written, and valid on its own, but not in force: the command did
         # not do what it was asked, so it fails, naming what stands in the way.
-        _print_problems(exc)
-        print(
+        return _refused(
+            exc,
             f"policy set: {path} was written, but the agent refuses the policy in {directory} "
             "as a whole (above) and keeps its last good policy until that is fixed",
-            file=sys.stderr,
         )
-        return 1
     decided = resolve(policy, VmIdentity(args.vm)).setting(args.key)
     if decided.origin is None or decided.origin.file != str(path):
         print(

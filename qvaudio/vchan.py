@@ -321,9 +321,7 @@ class Vchan(Closing):
             _ring_size("read_min", read_min),
             _ring_size("write_min", write_min),
         )
-        check(ctrl, "server_init", path=path, domain=domain)
-        vchan = cls(ctrl, path=path, domain=domain, server=True)
-        vchan.blocking = blocking
+        vchan = cls._made(ctrl, "server_init", path, domain, blocking)
         log.debug("vchan server for domain %d published at %s", domain, path)
         return vchan
 
@@ -348,10 +346,16 @@ class Vchan(Closing):
         lib = load_library()
         ffi.errno = 0
         ctrl = lib.libxenvchan_client_init(ffi.NULL, domain, path.encode())
-        check(ctrl, "client_init", path=path, domain=domain)
-        vchan = cls(ctrl, path=path, domain=domain, server=False)
-        vchan.blocking = blocking
+        vchan = cls._made(ctrl, "client_init", path, domain, blocking)
         log.debug("vchan client connected to domain %d at %s", domain, path)
+        return vchan
+
+    @classmethod
+    def _made(cls, ctrl: Any, op: str, path: str, domain: int, blocking: bool) -> Vchan:
+        """The end an init function made (or its typed error, if it made none)."""
+        check(ctrl, op, path=path, domain=domain)
+        vchan = cls(ctrl, path=path, domain=domain, server=op == "server_init")
+        vchan.blocking = blocking
         return vchan
 
     # ----------------------------------------------------------- lifecycle

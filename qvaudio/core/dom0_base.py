@@ -16,7 +16,7 @@ from qvaudio.core.dom0_actions import Action, Disconnect
 from qvaudio.core.dom0_grants import MicGrants
 from qvaudio.core.dom0_limits import Counters, Limits
 from qvaudio.core.dom0_meter import GuestMeter
-from qvaudio.core.events import Goodbye, GoodbyeCode, ProtocolError, Role, StreamKind, clip_reason
+from qvaudio.core.events import Goodbye, GoodbyeCode, ProtocolError, StreamKind, clip_reason
 from qvaudio.core.formats import AudioFormat
 from qvaudio.core.policy import Decision, Direction, Policy, VmIdentity, evaluate
 from qvaudio.core.session import Session
@@ -25,16 +25,15 @@ from qvaudio.core.session import Session
 class VmSessionBase(Session):
     """What both sides of dom0's session of one VM share."""
 
-    def __init__(
+    def _init_vm(
         self,
         vm: VmIdentity,
         policy: Policy,
         now: float,
-        *,
-        grants: MicGrants | None = None,
-        limits: Limits | None = None,
+        grants: MicGrants | None,
+        limits: Limits | None,
     ) -> None:
-        super().__init__(Role.DOM0)
+        """The common ground's state (`VmSession.__init__` calls it first)."""
         self.vm = vm
         self.limits = limits or Limits()
         self.counters = Counters()

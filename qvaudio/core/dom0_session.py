@@ -41,6 +41,7 @@ from qvaudio.core.events import (
     PlaybackData,
     Position,
     RemoteProtocolError,
+    Role,
     StreamKind,
     clip_reason,
 )
@@ -73,7 +74,8 @@ class VmSession(PlaybackSide, CaptureSide):
         grants: MicGrants | None = None,
         limits: Limits | None = None,
     ) -> None:
-        super().__init__(vm, policy, now, grants=grants, limits=limits)
+        super().__init__(Role.DOM0)
+        self._init_vm(vm, policy, now, grants, limits)
         self._init_playback(now)
         self._init_capture()
         self._started = now

@@ -21,7 +21,7 @@ from qvaudio.core.policy import VmIdentity
 from qvaudio.dom0.agent_base import CONNECTS_PER_TURN, AgentBase, VmLink, log
 from qvaudio.dom0.discovery import Target
 from qvaudio.transport import UnixAddress, connect
-from qvaudio.transport.base import PeerUnavailable, TransportError
+from qvaudio.transport.base import PeerUnavailable, Stream, TransportError
 
 
 class Connections(AgentBase):
@@ -102,17 +102,8 @@ class Connections(AgentBase):
         if old is not None:
             self._execute(old, old.session.shutdown("the VM called again"))
         target = Target(VmIdentity(name), UnixAddress(f"qrexec:{name}"), origin="qrexec call")
-        session = VmSession(
-            target.identity,
-            self.policy,
-            now,
-            grants=self.grants,
-            limits=self.limits,
-        )
-        link = VmLink(target, stream, session, now, discovered=False)
-        self.links[name] = link
         log.info("%s: connected over qrexec (identity from QREXEC_REMOTE_DOMAIN)", name)
-        self._execute(link, session.start(now))
+        self._open_link(target, stream, now, discovered=False)
 
     def _connect(self, target: Target, backoff: Backoff, now: float) -> None:
         name = target.identity.name
@@ -132,16 +123,18 @@ class Connections(AgentBase):
             return
         backoff.connected()
         self._connect_warned.discard(name)
-        session = VmSession(
-            target.identity,
-            self.policy,
-            now,
-            grants=self.grants,
-            limits=self.limits,
-        )
-        link = VmLink(target, stream, session, now)
-        self.links[name] = link
         log.info("%s: connected over %s (%s)", name, target.address, target.origin)
+        self._open_link(target, stream, now)
+
+    def _open_link(
+        self, target: Target, stream: Stream, now: float, *, discovered: bool = True
+    ) -> None:
+        """A VM's transport is up: its session starts, under the policy in force now."""
+        session = VmSession(
+            target.identity, self.policy, now, grants=self.grants, limits=self.limits
+        )
+        link = VmLink(target, stream, session, now, discovered=discovered)
+        self.links[target.identity.name] = link
         self._execute(link, session.start(now))
 
     def _drop(self, link: VmLink, code: GoodbyeCode | None) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qvaudio.common.runtime import runtime_path
 from qvaudio.core.errors import QvaudioError
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,7 @@ class ControlError(QvaudioError):
 
 def default_socket_path() -> Path:
     """$QVAUDIO_CONTROL_SOCKET, else qvaudio/control.sock in the user's runtime dir."""
-    configured = os.environ.get("QVAUDIO_CONTROL_SOCKET")
-    if configured:
-        return Path(configured)
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return Path(runtime) / "qvaudio" / "control.sock"
+    return runtime_path("control.sock", "QVAUDIO_CONTROL_SOCKET")
 
 
 def _peer_uid(sock: socket.socket) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any, Final
 import pulsectl
 import pulsectl._pulsectl
 
+from qvaudio.common.runtime import runtime_path
 from qvaudio.core.formats import AudioFormat
 from qvaudio.core.guest_idle import IdleMethod, idle_method, sink_suspension
 from qvaudio.pulse import devices as pulse_devices
@@ -92,10 +92,6 @@ class ServerLost:
 WatcherEvent = DevicesReady | UsageChanged | ServerLost
 
 
-def _runtime_dir() -> Path:
-    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}") / "qvaudio"
-
-
 class GuestDevices:
     """Create, find and remove what the agent owns; remember the user's defaults."""
 
@@ -103,7 +99,7 @@ class GuestDevices:
         self.spec = spec
         # The user's defaults must survive our crash: the next run adopts
         # devices that are already the defaults and reads them from here.
-        self.state_file = state_file or _runtime_dir() / "guest-defaults.json"
+        self.state_file = state_file or runtime_path("guest-defaults.json")
         self.previous_sink: str | None = None
         self.previous_source: str | None = None
 

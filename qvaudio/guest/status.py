@@ -14,12 +14,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qvaudio.common.runtime import runtime_path
+
 log = logging.getLogger(__name__)
 
 
 def default_status_path() -> Path:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return Path(runtime) / "qvaudio" / "guest-status.json"
+    return runtime_path("guest-status.json")
 
 
 class StatusFile:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Final
 
+from qvaudio.common.runtime import runtime_path
 from qvaudio.transport.base import (
     LevelTriggeredStream,
     Listener,
@@ -65,11 +66,7 @@ _INT: Final = struct.Struct("i")
 
 def default_handoff_path() -> Path:
     """$QVAUDIO_QREXEC_SOCKET, else qvaudio/qrexec.sock in the user's runtime dir."""
-    configured = os.environ.get("QVAUDIO_QREXEC_SOCKET")
-    if configured:
-        return Path(configured)
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    return Path(runtime) / "qvaudio" / "qrexec.sock"
+    return runtime_path("qrexec.sock", "QVAUDIO_QREXEC_SOCKET")
 
 
 # ------------------------------------------------------------------ guest
