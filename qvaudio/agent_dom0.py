@@ -7,18 +7,19 @@ The command line and configuration; the work is `qvaudio.dom0.agent.Dom0Agent`
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from qvaudio import __version__
 from qvaudio.common.config import (
     CONFIG_DEFAULT_HELP,
     ConfigError,
     Dom0Settings,
-    flag_range,
+    add_setting_flag,
+    flag_overrides,
     flag_type,
     load_config,
 )
@@ -69,20 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SERVER",
         help="host audio server (default: the config's dom0.pulse_server, else the session's)",
     )
-    parser.add_argument(
+    flag = functools.partial(add_setting_flag, parser, section="dom0")
+    flag(
         "--latency-ms",
-        type=flag_type("dom0", "playback_latency_ms"),
+        key="playback_latency_ms",
         metavar="MS",
         help="target latency of each VM's stream on the host server "
-        f"({flag_range('dom0', 'playback_latency_ms')}; dom0.playback_latency_ms)",
+        "({range}; dom0.playback_latency_ms)",
     )
-    parser.add_argument(
-        "--reserve-ms",
-        type=flag_type("dom0", "playback_reserve_ms"),
-        metavar="MS",
-        help="audio held for each VM before its host stream starts, the least jitter reserve "
-        f"({flag_range('dom0', 'playback_reserve_ms')}; dom0.playback_reserve_ms)",
-    )
+    flag("--reserve-ms", key="playback_reserve_ms", metavar="MS",
+         help="audio held for each VM before its host stream starts, the least jitter reserve "
+         "({range}; dom0.playback_reserve_ms)")  # fmt: skip
     parser.add_argument("--no-notifications", action="store_true",
                         help="do not show desktop notifications")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
@@ -90,20 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Flags that override one config key each: (flag's dest, dom0 setting).
-FLAG_SETTINGS = (
-    ("pulse_server", "pulse_server"),
-    ("latency_ms", "playback_latency_ms"),
-    ("reserve_ms", "playback_reserve_ms"),
-)
+#: Flags that override one config key each: {flag's dest: dom0 setting}.
+FLAG_SETTINGS = {
+    "pulse_server": "pulse_server",
+    "latency_ms": "playback_latency_ms",
+    "reserve_ms": "playback_reserve_ms",
+}
 
 
 def settings_from(args: argparse.Namespace, base: Dom0Settings) -> Dom0Settings:
     """The config's dom0 settings with the command line's overrides."""
-    # `is not None`: 0 is a value, and every flag was checked like the file's key.
-    overrides: dict[str, Any] = {
-        key: getattr(args, dest) for dest, key in FLAG_SETTINGS if getattr(args, dest) is not None
-    }
+    overrides = flag_overrides(args, FLAG_SETTINGS)
     if args.transport:
         overrides["transports"] = tuple(args.transport)
     if args.no_notifications:

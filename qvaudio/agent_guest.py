@@ -6,19 +6,19 @@ The command line and configuration; the work is `qvaudio.guest.loop.GuestAgent`.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from qvaudio import __version__
 from qvaudio.common.config import (
     CONFIG_DEFAULT_HELP,
     ConfigError,
     GuestSettings,
-    flag_range,
-    flag_type,
+    add_setting_flag,
+    flag_overrides,
     load_config,
 )
 from qvaudio.common.log import raise_priority, setup_logging
@@ -46,52 +46,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"configuration file to read (default: {CONFIG_DEFAULT_HELP}).",
     )
-    parser.add_argument(
-        "--transport",
-        type=flag_type("guest", "transport"),
-        metavar="ADDR",
-        help=f"where dom0 connects: {GUEST_FORMS}.",
+    flag = functools.partial(add_setting_flag, parser, section="guest")
+    flag(
+        "--transport", key="transport", metavar="ADDR", help=f"where dom0 connects: {GUEST_FORMS}."
     )
-    parser.add_argument(
+    flag(
         "--format",
+        key="formats",
         dest="formats",
         action="append",
-        type=flag_type("guest", "formats"),
         metavar="FMT",
         help="playback format to offer dom0, e.g. s16le:48000:2; repeat to offer several, "
         "best first.",
     )
-    parser.add_argument(
+    flag(
         "--period-ms",
-        type=flag_type("guest", "period_ms"),
+        key="period_ms",
         metavar="MS",
         help="size of each chunk read from the virtual output; smaller means lower latency "
-        f"({flag_range('guest', 'period_ms')}).",
+        "({range}).",
     )
-    parser.add_argument(
+    flag(
         "--idle-timeout",
-        type=flag_type("guest", "idle_timeout_s"),
+        key="idle_timeout_s",
         metavar="SECONDS",
-        help="after this much silence, stop sending audio until sound resumes "
-        f"({flag_range('guest', 'idle_timeout_s')}).",
+        help="after this much silence, stop sending audio until sound resumes ({range}).",
     )
-    parser.add_argument(
+    flag(
         "--pulse-server",
+        key="pulse_server",
+        type=None,
         metavar="SERVER",
         help="PulseAudio/PipeWire server to use instead of the session's default.",
     )
-    parser.add_argument(
+    flag(
         "--sink-name",
-        type=flag_type("guest", "sink_name"),
+        key="sink_name",
         metavar="NAME",
         help="name of the virtual output device to create.",
     )
-    parser.add_argument(
-        "--source-name",
-        type=flag_type("guest", "source_name"),
-        metavar="NAME",
-        help="name of the virtual microphone device to create.",
-    )
+    flag("--source-name", key="source_name", metavar="NAME",
+         help="name of the virtual microphone device to create.")  # fmt: skip
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log more detail (debug messages)."
     )
@@ -99,19 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Flags that override one config key each: {flag's dest: guest setting}.
+FLAG_SETTINGS = {
+    "transport": "transport",
+    "period_ms": "period_ms",
+    "idle_timeout": "idle_timeout_s",
+    "pulse_server": "pulse_server",
+    "sink_name": "sink_name",
+    "source_name": "source_name",
+}
+
+
 def settings_from(args: argparse.Namespace, base: GuestSettings) -> GuestSettings:
-    overrides: dict[str, Any] = {}
-    for flag, name in (
-        ("transport", "transport"),
-        ("period_ms", "period_ms"),
-        ("idle_timeout", "idle_timeout_s"),
-        ("pulse_server", "pulse_server"),
-        ("sink_name", "sink_name"),
-        ("source_name", "source_name"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides[name] = value
+    overrides = flag_overrides(args, FLAG_SETTINGS)
     if args.formats:
         overrides["formats"] = tuple(args.formats)
     return replace(base, **overrides)

@@ -359,6 +359,33 @@ def flag_range(section: Literal["guest", "dom0"], key: str) -> str:
     return str((GUEST_BOUNDS if section == "guest" else DOM0_BOUNDS)[key])
 
 
+def add_setting_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    section: Literal["guest", "dom0"],
+    key: str,
+    *,
+    metavar: str,
+    help: str,
+    **kwargs: Any,
+) -> None:
+    """A flag that overrides `section.key`, checked like the file's key (`flag_type`);
+    `{range}` in `help` says the key's range."""
+    if "{range}" in help:
+        help = help.format(range=flag_range(section, key))
+    kwargs.setdefault("type", flag_type(section, key))
+    parser.add_argument(flag, metavar=metavar, help=help, **kwargs)
+
+
+def flag_overrides(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the command line gave: {setting: value} for each {flag's dest: setting}.
+
+    `is not None`: 0 is a value, and every flag was checked like the file's key.
+    """
+    given = {key: getattr(args, dest) for dest, key in flags.items()}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 class _Reader:
     """Interprets one file's nodes, collecting every problem rather than the first."""
 

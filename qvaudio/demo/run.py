@@ -144,20 +144,16 @@ class _Demo:
 
     def check_alive(self, waiting_for: str) -> None:
         """Fail at once, with its own words, if anything the demo started has stopped."""
-        for pulse in self.pulses:
-            status = pulse.exit_status()
+        started = [
+            *((f"the private PulseAudio daemon {p.name!r}", p.exit_status(), p.log)
+              for p in self.pulses),
+            *((child.name, child.exit_status(), child.log) for child in self.children),
+        ]  # fmt: skip
+        for name, status, log in started:
             if status is not None:
                 raise DemoError(
-                    f"the private PulseAudio daemon {pulse.name!r} stopped "
-                    f"({_describe_exit(status)}) while the demo waited for {waiting_for}; "
-                    f"its log ends:\n{_indent(log_tail(pulse.log))}"
-                )
-        for child in self.children:
-            status = child.exit_status()
-            if status is not None:
-                raise DemoError(
-                    f"{child.name} stopped ({_describe_exit(status)}) while the demo waited "
-                    f"for {waiting_for}; its log ends:\n{_indent(log_tail(child.log))}"
+                    f"{name} stopped ({_describe_exit(status)}) while the demo waited for "
+                    f"{waiting_for}; its log ends:\n{_indent(log_tail(log))}"
                 )
 
     def wait(self, what: str, check: Callable[[], T | None], timeout: float) -> T:

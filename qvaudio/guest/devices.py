@@ -149,23 +149,18 @@ class GuestDevices:
         """Give the user back their defaults, then unload our modules."""
         sinks = {s.name for s in pulse.sink_list()}
         sources = {s.name for s in pulse.source_list()}
-        previous_sink, previous_source = self.previous_sink, self.previous_source
-        # Only where the default is still ours: a default the user chose
-        # while we ran is theirs to keep.
-        if (
-            pulse_devices.get_default_sink(pulse) == self.spec.sink_name
-            and previous_sink is not None
-            and previous_sink in sinks
-        ):
-            pulse_devices.set_default_sink(pulse, previous_sink)
-            log.info("default sink restored to %s", self.previous_sink)
-        if (
-            pulse_devices.get_default_source(pulse) == self.spec.source_name
-            and previous_source is not None
-            and previous_source in sources
-        ):
-            pulse_devices.set_default_source(pulse, previous_source)
-            log.info("default source restored to %s", self.previous_source)
+        restore = (
+            ("sink", pulse_devices.get_default_sink, pulse_devices.set_default_sink,
+             self.spec.sink_name, self.previous_sink, sinks),
+            ("source", pulse_devices.get_default_source, pulse_devices.set_default_source,
+             self.spec.source_name, self.previous_source, sources),
+        )  # fmt: skip
+        for kind, get_default, set_default, ours, previous, present in restore:
+            # Only where the default is still ours: a default the user chose
+            # while we ran is theirs to keep.
+            if get_default(pulse) == ours and previous is not None and previous in present:
+                set_default(pulse, previous)
+                log.info("default %s restored to %s", kind, previous)
         removed = pulse_devices.remove_owned_modules(pulse, self.names)
         log.info("removed %d module(s) of the virtual devices", removed)
         self.state_file.unlink(missing_ok=True)
