@@ -98,23 +98,12 @@ def _appeared(lookup: Callable[[], Any | None], expect: bool = True) -> Any | No
 def ensure_null_sink(pulse: Pulse, name: str, description: str, fmt: AudioFormat) -> int:
     """Return the index of null sink `name`, loading it only if no sink has that name."""
     _check_name(name)
-    existing = _find_sink(pulse, name)
-    if existing is not None:
-        log.info("adopting existing sink %s (index %d)", name, existing.index)
-        return int(existing.index)
     args = (
         f"sink_name={name} format={fmt.sample_format.pulse_name} rate={fmt.rate} "
         f"channels={fmt.channels} channel_map={fmt.channel_map} "
         f"sink_properties={_quote_description(description)}"
     )
-    module = pulse.module_load(NULL_SINK_MODULE, args)
-    sink = _appeared(lambda: _find_sink(pulse, name))
-    if sink is None:
-        # The server accepted the module but made no such sink: do not leak it.
-        pulse.module_unload(module)
-        raise RuntimeError(f"{NULL_SINK_MODULE} {args!r} loaded but sink {name} did not appear")
-    log.info("created null sink %s (index %d, module %d)", name, sink.index, module)
-    return int(sink.index)
+    return _ensure(pulse, ("sink", "null sink"), name, NULL_SINK_MODULE, args, _find_sink)
 
 
 def ensure_virtual_source(pulse: Pulse, name: str, description: str, fmt: AudioFormat) -> int:
@@ -128,23 +117,39 @@ def ensure_virtual_source(pulse: Pulse, name: str, description: str, fmt: AudioF
     _check_name(name)
     backing = backing_sink_name(name)
     ensure_null_sink(pulse, backing, f"{description} (feed)", fmt)
-    existing = _find_source(pulse, name)
-    if existing is not None:
-        log.info("adopting existing source %s (index %d)", name, existing.index)
-        return int(existing.index)
     args = (
         f"master={backing}.monitor source_name={name} "
         f"source_properties={_quote_description(description)}"
     )
-    module = pulse.module_load(REMAP_SOURCE_MODULE, args)
-    source = _appeared(lambda: _find_source(pulse, name))
-    if source is None:
+    kind = ("source", "virtual source")
+    return _ensure(pulse, kind, name, REMAP_SOURCE_MODULE, args, _find_source)
+
+
+def _ensure(
+    pulse: Pulse,
+    kind: tuple[str, str],
+    name: str,
+    module_name: str,
+    args: str,
+    find: Callable[[Pulse, str], Any | None],
+) -> int:
+    """The index of device `name`: adopted if one exists, else made by loading a module.
+
+    `kind` is what it is called when found (a "sink") and when made (a "null sink").
+    """
+    found_as, made_as = kind
+    existing = find(pulse, name)
+    if existing is not None:
+        log.info("adopting existing %s %s (index %d)", found_as, name, existing.index)
+        return int(existing.index)
+    module = pulse.module_load(module_name, args)
+    device = _appeared(lambda: find(pulse, name))
+    if device is None:
+        # The server accepted the module but made no such device: do not leak it.
         pulse.module_unload(module)
-        raise RuntimeError(
-            f"{REMAP_SOURCE_MODULE} {args!r} loaded but source {name} did not appear"
-        )
-    log.info("created virtual source %s (index %d, module %d)", name, source.index, module)
-    return int(source.index)
+        raise RuntimeError(f"{module_name} {args!r} loaded but {found_as} {name} did not appear")
+    log.info("created %s %s (index %d, module %d)", made_as, name, device.index, module)
+    return int(device.index)
 
 
 def _device_name_in(argument: str) -> str | None:
