@@ -145,6 +145,11 @@ def test_file_lists(build: Build) -> None:
     assert any(re.fullmatch(r"/usr/lib/python3\.\d+/site-packages/qvaudio/cli\.py", f) for f in lib)
     assert any(f.endswith(f"/qvaudio-{VERSION}.dist-info/entry_points.txt") for f in lib)
     assert any(f.endswith("/qvaudio/decl/libxenvchan.h") for f in lib)
+    # Every folder of the package, each module in it (a subpackage left out of
+    # the wheel would install an agent that cannot start).
+    for module in sorted((REPO / "qvaudio").rglob("*.py")):
+        path = module.relative_to(REPO).as_posix()
+        assert any(f.endswith(f"/site-packages/{path}") for f in lib), f"{path} not packaged"
     assert not any(f.startswith(("/etc", "/usr/bin")) for f in lib)
 
     common = files_of(build.rpms["qvaudio-common"])
