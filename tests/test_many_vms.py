@@ -27,15 +27,17 @@ from tests.dom0_harness import S16, Dom0, pitch, write_policy
 from tests.fake_guest import FakeGuest
 from tests.waiting import wait_until
 
-# name: (frequency, policy lines, expected cap or None when denied)
+# name: (frequency, policy lines, expected cap or None when denied). A volume
+# is the mixer's percent, which PulseAudio maps cubically: max 50 is a sample
+# factor of 0.5 ** 3 (docs/policy.md, tests/test_gain.py).
 VMS: dict[str, tuple[int, str, float | None]] = {
     "vm1": (300, "playback: allow", 1.0),
-    "vm2": (400, "playback: allow\n    volume: {default: 50, max: 50}", 0.5),
+    "vm2": (400, "playback: allow\n    volume: {default: 50, max: 50}", 0.5**3),
     "vm3": (500, "playback: deny", None),
-    "vm4": (600, "playback: allow\n    volume: {default: 25, max: 25}", 0.25),
+    "vm4": (600, "playback: allow\n    volume: {default: 80, max: 80}", 0.8**3),
     "vm5": (700, "playback: deny", None),
     "vm6": (800, "playback: allow", 1.0),
-    "disp1": (900, "playback: allow\n    volume: {default: 10, max: 10}", 0.1),
+    "disp1": (900, "playback: allow\n    volume: {default: 60, max: 60}", 0.6**3),
     "disp2": (1000, "playback: deny", None),
 }
 AMPLITUDE = 0.8

@@ -40,6 +40,10 @@ class Notifier:
         self.repeat_after = repeat_after
         self.max_per_minute = max_per_minute
         self._gdbus = shutil.which("gdbus") if enabled else None
+        # The child gets this copy, taken before any stream exists: with no
+        # env, exec reads the C environment, which pulse.pcm rewrites while a
+        # stream opens, and a fork in the middle of that failed with EFAULT.
+        self._env = dict(os.environ)
         self._has_bus = bool(os.environ.get("DBUS_SESSION_BUS_ADDRESS")) or os.path.exists(
             f"/run/user/{os.getuid()}/bus"
         )
@@ -87,7 +91,9 @@ class Notifier:
                 APP_NAME, "0", self.icon, summary, body, "[]", "{}", "8000",
             ]  # fmt: skip
             try:
-                result = subprocess.run(command, capture_output=True, timeout=5, check=False)
+                result = subprocess.run(
+                    command, capture_output=True, timeout=5, check=False, env=self._env
+                )
             except (OSError, subprocess.TimeoutExpired) as exc:
                 log.debug("notification not shown: %s", exc)
                 continue

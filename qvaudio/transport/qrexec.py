@@ -82,6 +82,10 @@ class QrexecDialer(Listener):
     def __init__(self, target: str = "@default", service: str = SERVICE) -> None:
         super().__init__(f"qrexec:{target}:{service}")
         self._argv = [CLIENT, target, service]
+        # The call gets this copy, taken before any stream exists: with no
+        # env, exec reads the C environment, which pulse.pcm rewrites while a
+        # stream opens (a fork in the middle of that fails with EFAULT).
+        self._env = dict(os.environ)
         self._epoll: select.epoll | None = select.epoll()
         # A pipe holding one byte is the "dial now" signal: always readable.
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -127,7 +131,9 @@ class QrexecDialer(Listener):
             # Waiting in the child keeps the agent's loop free.
             argv = ["/bin/sh", "-c", f'sleep {delay:g} && exec "$@"', "sh", *argv]
         try:
-            child = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno())
+            child = subprocess.Popen(
+                argv, stdin=theirs.fileno(), stdout=theirs.fileno(), env=self._env
+            )
         except FileNotFoundError as exc:
             ours.close()
             raise TransportUnavailable(
