@@ -30,7 +30,7 @@ typecheck: venv
 	$(VENV)/bin/mypy qvaudio tests bench
 
 unit: venv
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=25
 
 unit-fast: venv
 	$(VENV)/bin/pytest -q -m '$(FAST)'

@@ -485,7 +485,7 @@ def test_backoff_tries_a_republished_guest_at_once_unless_it_misbehaved() -> Non
 
 
 def test_backoff_waits_of_one_restart_do_not_carry_into_the_next() -> None:
-    # Found by test_fifty_guest_restarts_leak_nothing_in_dom0: a guest agent
+    # Found by test_repeated_guest_restarts_leak_nothing_in_dom0: a guest agent
     # restarted every two seconds never has a "healthy" (10 s) session, and the
     # attempts that met its stale socket during each restart used to double one
     # wait that nothing reset, until dom0 waited 5 s to reconnect after every

@@ -5,8 +5,8 @@ virtual output); qvaudio-guest carries it over a Unix socket to qvaudio-dom0,
 which plays it on the host PulseAudio; a listener records the host sink.
 Each fault is followed by audio flowing again soon after the repair (a
 supervisor's restart; RECOVERY_S is the ceiling, bench/recovery_bench.py the
-figures), and over 50 cycles of restarting either agent or killing either
-audio server nothing leaks.
+figures), and over CYCLES cycles of restarting either agent or killing
+either audio server nothing leaks.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from tests.waiting import wait_until
 RECOVERY_S = 4.0
 #: A stretch of sound this long means audio flows (not a stray buffer).
 FLOWING_S = 0.3
+#: Faults per leak test: a leak of one fd or thread per cycle shows 12 times
+#: over the +2 allowance; bench/recovery_bench.py runs more, for figures.
+CYCLES = 25
 
 
 def proc_stats(pid: int) -> tuple[int, int, int]:
@@ -105,20 +108,21 @@ def test_vm_disappearing_mid_stream(pipeline: Pipeline) -> None:
     )
 
 
-def assert_fifty_cycles_leak_nothing(
+def assert_cycles_leak_nothing(
     pipeline: Pipeline,
     watched: str,
     fault: str,
     cycle: Callable[[], None],
     settle_s: float = 0.0,
 ) -> None:
-    """Run `cycle` (a fault and its repair) 50 times, audio flowing again after
-    each, then `settle_s`; the `watched` agent's fds, threads and RSS stay steady."""
+    """Run `cycle` (a fault and its repair) CYCLES times, audio flowing again
+    after each, then `settle_s`; the `watched` agent's fds, threads and RSS
+    stay steady."""
     proc = pipeline.dom0.proc if watched == "dom0" else pipeline.guest.proc
     assert proc is not None
     time.sleep(0.5)
     before = proc_stats(proc.pid)
-    for number in range(50):
+    for number in range(CYCLES):
         restarted = time.monotonic()
         cycle()
         try:
@@ -137,7 +141,7 @@ def assert_fifty_cycles_leak_nothing(
     assert rss - before[2] < 20 * 1024, f"{watched} RSS {before[2]} -> {rss} KiB"
 
 
-def test_fifty_guest_restarts_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
+def test_repeated_guest_restarts_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
     def restart_guest() -> None:
         pipeline.guest.kill()
         pipeline.guest.start()
@@ -145,31 +149,31 @@ def test_fifty_guest_restarts_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
     # Outlive dom0's "reconnecting in a loop" mark (sessions under 1 s): a
     # guest killed every second is treated as crash-looping, by design.
     settle = SHORT_SESSION + 0.1
-    assert_fifty_cycles_leak_nothing(pipeline, "dom0", "guest restart", restart_guest, settle)
+    assert_cycles_leak_nothing(pipeline, "dom0", "guest restart", restart_guest, settle)
 
 
-def test_fifty_dom0_restarts_leak_nothing_in_the_guest(pipeline: Pipeline) -> None:
+def test_repeated_dom0_restarts_leak_nothing_in_the_guest(pipeline: Pipeline) -> None:
     def restart_dom0() -> None:
         assert pipeline.dom0.proc is not None
         pipeline.dom0.proc.kill()
         pipeline.dom0.proc.wait()
         pipeline.dom0.start()
 
-    assert_fifty_cycles_leak_nothing(pipeline, "guest", "dom0 restart", restart_dom0)
+    assert_cycles_leak_nothing(pipeline, "guest", "dom0 restart", restart_dom0)
 
 
-def test_fifty_vm_audio_server_kills_leak_nothing_in_the_guest(pipeline: Pipeline) -> None:
+def test_repeated_vm_audio_server_kills_leak_nothing_in_the_guest(pipeline: Pipeline) -> None:
     def kill_vm_server() -> None:
         pipeline.vm.kill()
         pipeline.vm.start()
 
-    assert_fifty_cycles_leak_nothing(pipeline, "guest", "VM audio server kill", kill_vm_server)
+    assert_cycles_leak_nothing(pipeline, "guest", "VM audio server kill", kill_vm_server)
 
 
-def test_fifty_host_audio_server_kills_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
+def test_repeated_host_audio_server_kills_leak_nothing_in_dom0(pipeline: Pipeline) -> None:
     def kill_host_server() -> None:
         pipeline.host.kill()
         pipeline.host.start()
         start_null_sink_clock_once_dom0_plays(pipeline.host)
 
-    assert_fifty_cycles_leak_nothing(pipeline, "dom0", "host audio server kill", kill_host_server)
+    assert_cycles_leak_nothing(pipeline, "dom0", "host audio server kill", kill_host_server)
