@@ -12,8 +12,10 @@ one kind for `--seconds`. Attackers are raw protocol peers in this process
 which have CPUs of their own). Reported per step: dom0's CPU over the attack
 as a share of one core, and that share less the good VM's own cost divided by
 N (per hostile VM); frames dom0 took from the attackers; log lines about
-them; how each attacker ended; the good VM's gaps, split into those a
-machine stall or a host stream event explains and the rest. The `honest`
+them; how each attacker ended; the good VM's gaps during the attack, split
+into those a whole-machine stall explains, those one CPU's stall could
+explain (weaker: dom0's thread may not have been on that CPU), those a host
+stream opening or closing explains, and the rest. The `honest`
 attack is N ordinary VMs playing (10 ms frames): the baseline for the rest.
 Prints one JSON object.
 """
@@ -125,16 +127,24 @@ def classify_gaps(good: GoodVm, since: float) -> dict[str, Any]:
     if onset is None or offset is None:
         return {"tone_arrived": False}
     per_chunk = S16.bytes_for_ms(10) // S16.frame_size
-    found: dict[str, list[float]] = {"machine_stall": [], "host_stream_event": [], "other": []}
+    found: dict[str, list[float]] = {
+        "machine_stall": [],
+        "one_cpu_stall": [],
+        "host_stream_event": [],
+        "other": [],
+    }
     for gap in gaps(samples[onset:offset], 48000, 1.0):
         first = onset + int(gap.start_s * 48000)
         heard_at = chunks[min(first // per_chunk, len(chunks) - 1)][0]
         if heard_at < since:
             continue
         stall = good.stalls.blame(heard_at)
+        cpu_stall = good.stalls.one_cpu(heard_at)
         ms = round(gap.duration_s * 1000, 1)
         if stall is not None and gap.duration_s <= stall.duration_s + 0.06:
             found["machine_stall"].append(ms)
+        elif cpu_stall is not None and gap.duration_s <= cpu_stall.duration_s + 0.005:
+            found["one_cpu_stall"].append(ms)
         elif good.stream_events.blame(heard_at, gap.duration_s):
             found["host_stream_event"].append(ms)
         else:
@@ -189,6 +199,9 @@ def step(base: Path, attack: str, count: int, seconds: float) -> dict[str, Any]:
             "whole_machine_stalls_ms": [
                 round(s.duration_s * 1000, 1) for s in stalls.whole_machine()
             ],
+            "one_cpu_stalls_over_5_ms": sum(
+                1 for cpu in stalls.cpus for s in stalls.late[cpu] if s.duration_s >= 0.005
+            ),
         }
     finally:
         for guest in dom0.guests:

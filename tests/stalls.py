@@ -147,6 +147,22 @@ class StallMonitor:
                 return stall
         return None
 
+    def one_cpu(
+        self, t: float, before: float = 0.05, after: float = 0.5, min_s: float = LATE_S
+    ) -> Stall | None:
+        """The longest stall of any single CPU near `t`, if any: the thread that
+        should have run then may have been on it. Weaker evidence than a
+        whole-machine stall (the scheduler may move a thread off a stalled
+        CPU), so benchmarks report it as its own kind."""
+        with self._lock:
+            near = [
+                s
+                for cpu in self.cpus
+                for s in self.late[cpu]
+                if s.duration_s >= min_s and s.near(t, before, after)
+            ]
+        return max(near, key=lambda s: s.duration_s, default=None)
+
 
 def _intersect(a: list[Stall], b: list[Stall]) -> list[Stall]:
     out: list[Stall] = []
