@@ -89,7 +89,7 @@ def test_the_tone_arrives_intact_and_json_is_one_object() -> None:
 @pytest.mark.needs_audio  # the demo starts two private PulseAudio daemons
 def test_a_person_sees_progress_and_a_verdict() -> None:
     done = demo()
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "qvaudio demo: the tone arrived", done.stdout
     for label in ("policy", "frequency", "non-silent", "signal-to-noise", "onset delay"):
@@ -114,13 +114,27 @@ def labelled(stdout: str, label: str) -> str:
 
 @pytest.mark.needs_audio  # the demo starts two private PulseAudio daemons
 def test_the_text_states_pass_criteria_and_says_each_thing_once() -> None:
+    # What is tested is the text, whatever the verdict: one second of tone
+    # fails its 99 % criterion with two silent 10 ms windows, which a machine
+    # under load (two busy loops on two cores) gave once in five runs. The
+    # tone itself is judged by the 3 s tests above.
     done = demo("--seconds", "1")
-    assert done.returncode == 0, done.stderr
-    # Each measured value next to what it had to be.
+    why = done.stdout + done.stderr
+    assert done.returncode in (0, 1), why
+    verdict = done.stdout.splitlines()[0]
+    # Each measured value next to what it had to be, and its mark.
     frequency = labelled(done.stdout, "frequency")
-    assert "pass: within 0.5 % of 440 Hz" in frequency and frequency.endswith("ok"), frequency
+    assert "pass: within 0.5 % of 440 Hz" in frequency, frequency
     nonsilent = labelled(done.stdout, "non-silent")
-    assert "pass: at least 99 %" in nonsilent and nonsilent.endswith("ok"), nonsilent
+    assert "pass: at least 99 %" in nonsilent, nonsilent
+    marks = [frequency.rsplit(maxsplit=1)[-1], nonsilent.rsplit(maxsplit=1)[-1]]
+    assert set(marks) <= {"ok", "FAILED"}, why
+    # The verdict, the marks and the exit status say the same.
+    if done.returncode == 0:
+        assert verdict == "qvaudio demo: the tone arrived" and marks == ["ok", "ok"], why
+    else:
+        assert verdict == "qvaudio demo: THE TONE DID NOT ARRIVE INTACT", why
+        assert "FAILED" in marks, why
     # "latency (status)" says what it is and where it comes from.
     latency = labelled(done.stdout, "latency (status)")
     assert "queue" in latency and "qvaudio status" in latency, latency
