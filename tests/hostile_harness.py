@@ -33,6 +33,9 @@ TONE_S = 8.0
 ATTACKER_NICE = 10
 #: One block of dom0's host stream (a quarter of its 30 ms), with some margin.
 BLOCK_S = 0.010
+#: The share of the good VM's sound that short, unexplained gaps may take
+#: during an attack before a test calls it starved (see GoodVm.starved).
+MAX_LOST_FRACTION = 0.01
 #: The hostile tests' dom0 starts each VM with 30 ms in reserve instead of 10.
 #: This machine's virtual CPUs stall one at a time for up to ~10 ms several
 #: times a minute (tests/stalls.py sees them), and the default reserve turns
@@ -160,13 +163,44 @@ class GoodVm:
         )
         return True
 
+    def starved(self, since: float) -> list[str]:
+        """What an attack that started at `since` cost the good VM beyond what a
+        loaded machine costs it anyway: empty when every unexplained gap is
+        within one block of dom0's host stream and together they are under
+        MAX_LOST_FRACTION of the tone heard since; else every gap, described.
+
+        Starvation is what these tests look for: before per-VM cost limits an
+        attack took 70 ms to seconds of the good VM's sound. Gaps of a few
+        milliseconds happen without any attack on this 2-core machine under
+        load (bench/hostile_bench.py's honest baseline: 2.4-9.1 ms, with no
+        CPU stall at those moments; here one of 3.2 ms in five runs with two
+        busy loops beside the suite), so a test judges with this ceiling and
+        the bench reports every gap."""
+        gaps_s, listened_s = self._unexplained(since)
+        lost = sum(duration for duration, _ in gaps_s)
+        if all(duration <= BLOCK_S for duration, _ in gaps_s) and (
+            lost <= MAX_LOST_FRACTION * listened_s
+        ):
+            return []
+        return self.unexplained_gaps(since)
+
     def unexplained_gaps(self, since: float) -> list[str]:
         """Gaps in the tone heard after `since` that no machine stall explains."""
+        found = [described for _, described in self._unexplained(since)[0]]
+        if found:
+            found.append(self.dom0_view)
+        return found
+
+    def _unexplained(self, since: float) -> tuple[list[tuple[float, str]], float]:
+        """([(gap in s, description)], seconds of tone heard after `since`)."""
         chunks = self.recording.chunks
         samples = decode_mono(b"".join(c for _, c in chunks), S16)
         onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
         assert onset is not None and offset is not None, "the good VM's tone never arrived"
         per_chunk = S16.bytes_for_ms(10) // S16.frame_size
+        heard_after = sum(
+            1 for i in range(onset // per_chunk, offset // per_chunk) if chunks[i][0] >= since
+        )
         found = []
         for gap in gaps(samples[onset:offset], 48000, 1.0):
             first = onset + int(gap.start_s * 48000)
@@ -181,13 +215,14 @@ class GoodVm:
             # The wall-clock time too, to find the moment in dom0's log.
             wall = time.time() - (time.monotonic() - heard_at)
             found.append(
-                f"{gap.duration_s * 1000:.1f} ms heard {heard_at - self.started:.2f} s "
-                f"into the tone (at {time.strftime('%H:%M:%S', time.localtime(wall))}"
-                f".{int(wall % 1 * 1000):03d})"
+                (
+                    gap.duration_s,
+                    f"{gap.duration_s * 1000:.1f} ms heard {heard_at - self.started:.2f} s "
+                    f"into the tone (at {time.strftime('%H:%M:%S', time.localtime(wall))}"
+                    f".{int(wall % 1 * 1000):03d})",
+                )
             )
-        if found:
-            found.append(self.dom0_view)
-        return found
+        return found, heard_after * per_chunk / 48000
 
 
 @contextmanager

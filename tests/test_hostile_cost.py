@@ -4,8 +4,10 @@ another VM its sound, nor cost dom0 more than a bounded share.
 Each test runs the real dom0 agent against a real host PulseAudio, with a
 good VM ("work", in a process of its own: tests/guest_process.py) playing a
 tone that is recorded on the host, and a detector of whole-machine stalls
-beside it (tests/stalls.py). A gap in the good VM's sound fails the test
-unless the machine itself stopped at that moment. Attackers are raw-byte
+beside it (tests/stalls.py). The good VM starved fails the test: a gap the
+machine's own stalls do not explain that is longer than one host block, or
+short gaps adding up to over 1 % of its sound (GoodVm.starved says why a
+ceiling; bench/hostile_bench.py reports every gap). Attackers are raw-byte
 guests (tests/fake_guest.py) in the test process.
 """
 
@@ -99,7 +101,7 @@ def test_tiny_frames_are_cut_off_at_the_second_at_any_pace(dom0: Dom0) -> None:
                 guest.close()  # dom0 would reconnect after its penalty wait
             time.sleep(2.0)
         good.finish()
-        heard = good.unexplained_gaps(attack_start)
+        heard = good.starved(attack_start)
         assert heard == [], "\n".join(heard)
     assert share[0] < MAX_DOM0_SHARE, f"dom0 used {share[0]:.0%} of a core"
     for name in attackers:
@@ -120,7 +122,7 @@ def test_valid_one_ms_frames_at_real_time_cost_dom0_a_bounded_share(dom0: Dom0) 
         with dom0_cpu_share(dom0) as share:
             paced(hostile, one_ms, 1000, 5.0).join()
         good.finish()
-        heard = good.unexplained_gaps(attack_start)
+        heard = good.starved(attack_start)
         assert heard == [], "\n".join(heard)
     assert not hostile.closed_by_peer.is_set(), "valid traffic was cut off"
     assert share[0] < MAX_DOM0_SHARE, f"dom0 used {share[0]:.0%} of a core"
@@ -149,7 +151,7 @@ def test_an_8_channel_vm_plays_and_its_flood_is_cut_off(dom0: Dom0) -> None:
             assert bye.code is GoodbyeCode.RATE_EXCEEDED and "faster than real time" in bye.reason
             flood.join()
         good.finish()
-        heard = good.unexplained_gaps(attack_start)
+        heard = good.starved(attack_start)
         assert heard == [], "\n".join(heard)
     assert share[0] < MAX_DOM0_SHARE, f"dom0 used {share[0]:.0%} of a core"
     log = dom0.log_text(tail=None)
@@ -181,7 +183,7 @@ def test_format_and_microphone_storms_are_cut_off_and_logs_stay_bounded(dom0: Do
             for thread in threads:
                 thread.join()
         good.finish()
-        heard = good.unexplained_gaps(attack_start)
+        heard = good.starved(attack_start)
         assert heard == [], "\n".join(heard)
     assert share[0] < MAX_DOM0_SHARE, f"dom0 used {share[0]:.0%} of a core"
     assert not nomic.closed_by_peer.is_set()
