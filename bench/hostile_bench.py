@@ -44,7 +44,6 @@ from qvaudio.core.events import (
     StreamKind,
 )
 from qvaudio.core.formats import AudioFormat, SampleFormat
-from qvaudio.core.tone import decode_mono, find_offset, find_onset, gaps
 from tests.audio_daemons import PulseAudioServer
 from tests.dom0_harness import S16, Dom0
 from tests.fake_guest import FakeGuest, lower_priority
@@ -121,34 +120,26 @@ ATTACKS: dict[str, Attack] = {
 
 
 def classify_gaps(good: GoodVm, since: float) -> dict[str, Any]:
-    chunks = good.recording.chunks
-    samples = decode_mono(b"".join(c for _, c in chunks), S16)
-    onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
-    if onset is None or offset is None:
+    """The good VM's gaps since `since`, each under the first cause measured."""
+    heard = good.heard_gaps(since)
+    if heard is None:
         return {"tone_arrived": False}
-    per_chunk = S16.bytes_for_ms(10) // S16.frame_size
     found: dict[str, list[float]] = {
         "machine_stall": [],
         "one_cpu_stall": [],
         "host_stream_event": [],
         "other": [],
     }
-    for gap in gaps(samples[onset:offset], 48000, 1.0):
-        first = onset + int(gap.start_s * 48000)
-        heard_at = chunks[min(first // per_chunk, len(chunks) - 1)][0]
-        if heard_at < since:
-            continue
-        stall = good.stalls.blame(heard_at)
-        cpu_stall = good.stalls.one_cpu(heard_at)
-        ms = round(gap.duration_s * 1000, 1)
-        if stall is not None and gap.duration_s <= stall.duration_s + 0.06:
-            found["machine_stall"].append(ms)
-        elif cpu_stall is not None and gap.duration_s <= cpu_stall.duration_s + 0.005:
-            found["one_cpu_stall"].append(ms)
-        elif good.stream_events.blame(heard_at, gap.duration_s):
-            found["host_stream_event"].append(ms)
+    for gap in heard[0]:
+        if gap.machine_stall:
+            kind = "machine_stall"
+        elif gap.one_cpu_stall:
+            kind = "one_cpu_stall"
+        elif gap.host_stream_event:
+            kind = "host_stream_event"
         else:
-            found["other"].append(ms)
+            kind = "other"
+        found[kind].append(round(gap.duration_s * 1000, 1))
     return {"tone_arrived": True, "gaps_ms": found}
 
 

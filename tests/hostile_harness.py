@@ -176,27 +176,38 @@ class GoodVm:
         CPU stall at those moments; here one of 3.2 ms in five runs with two
         busy loops beside the suite), so a test judges with this ceiling and
         the bench reports every gap."""
-        gaps_s, listened_s = self._unexplained(since)
-        lost = sum(duration for duration, _ in gaps_s)
-        if all(duration <= BLOCK_S for duration, _ in gaps_s) and (
-            lost <= MAX_LOST_FRACTION * listened_s
+        heard, listened_s = self._heard(since)
+        unexplained = [gap.duration_s for gap in heard if not gap.explained]
+        if all(d <= BLOCK_S for d in unexplained) and (
+            sum(unexplained) <= MAX_LOST_FRACTION * listened_s
         ):
             return []
-        return self.unexplained_gaps(since)
+        return self._described(heard)
 
     def unexplained_gaps(self, since: float) -> list[str]:
         """Gaps in the tone heard after `since` that no machine stall explains."""
-        found = [described for _, described in self._unexplained(since)[0]]
+        return self._described(self._heard(since)[0])
+
+    def _described(self, heard: list[HeardGap]) -> list[str]:
+        found = [gap.described(self.started) for gap in heard if not gap.explained]
         if found:
             found.append(self.dom0_view)
         return found
 
-    def _unexplained(self, since: float) -> tuple[list[tuple[float, str]], float]:
-        """([(gap in s, description)], seconds of tone heard after `since`)."""
+    def _heard(self, since: float) -> tuple[list[HeardGap], float]:
+        heard = self.heard_gaps(since)
+        assert heard is not None, "the good VM's tone never arrived"
+        return heard
+
+    def heard_gaps(self, since: float) -> tuple[list[HeardGap], float] | None:
+        """Every gap in the tone heard after `since`, with what was measured at
+        that moment, and the seconds of tone heard after `since`; None when no
+        tone arrived."""
         chunks = self.recording.chunks
         samples = decode_mono(b"".join(c for _, c in chunks), S16)
         onset, offset = find_onset(samples, 0.05), find_offset(samples, 0.05)
-        assert onset is not None and offset is not None, "the good VM's tone never arrived"
+        if onset is None or offset is None:
+            return None
         per_chunk = S16.bytes_for_ms(10) // S16.frame_size
         heard_after = sum(
             1 for i in range(onset // per_chunk, offset // per_chunk) if chunks[i][0] >= since
@@ -208,21 +219,46 @@ class GoodVm:
             if heard_at < since:
                 continue
             stall = self.stalls.blame(heard_at)
-            if stall is not None and gap.duration_s <= stall.duration_s + 0.06:
-                continue
-            if self.stream_events.blame(heard_at, gap.duration_s):
-                continue
-            # The wall-clock time too, to find the moment in dom0's log.
-            wall = time.time() - (time.monotonic() - heard_at)
+            cpu_stall = self.stalls.one_cpu(heard_at)
             found.append(
-                (
-                    gap.duration_s,
-                    f"{gap.duration_s * 1000:.1f} ms heard {heard_at - self.started:.2f} s "
-                    f"into the tone (at {time.strftime('%H:%M:%S', time.localtime(wall))}"
-                    f".{int(wall % 1 * 1000):03d})",
+                HeardGap(
+                    duration_s=gap.duration_s,
+                    heard_at=heard_at,
+                    machine_stall=stall is not None and gap.duration_s <= stall.duration_s + 0.06,
+                    one_cpu_stall=cpu_stall is not None
+                    and gap.duration_s <= cpu_stall.duration_s + 0.005,
+                    host_stream_event=self.stream_events.blame(heard_at, gap.duration_s),
                 )
             )
         return found, heard_after * per_chunk / 48000
+
+
+@dataclass(frozen=True, slots=True)
+class HeardGap:
+    """A gap in the good VM's tone, and what was measured when it was heard."""
+
+    duration_s: float
+    heard_at: float
+    #: The whole machine stopped then (tests/stalls.py), at least this long.
+    machine_stall: bool
+    #: One CPU stopped then; weaker (dom0's thread may have been on the other).
+    one_cpu_stall: bool
+    #: A host stream opened or closed then (PulseAudio rewinds its sink).
+    host_stream_event: bool
+
+    @property
+    def explained(self) -> bool:
+        """Caused by the machine or the host server, not by anything dom0 did."""
+        return self.machine_stall or self.host_stream_event
+
+    def described(self, tone_started: float) -> str:
+        # The wall-clock time too, to find the moment in dom0's log.
+        wall = time.time() - (time.monotonic() - self.heard_at)
+        return (
+            f"{self.duration_s * 1000:.1f} ms heard {self.heard_at - tone_started:.2f} s "
+            f"into the tone (at {time.strftime('%H:%M:%S', time.localtime(wall))}"
+            f".{int(wall % 1 * 1000):03d})"
+        )
 
 
 @contextmanager
