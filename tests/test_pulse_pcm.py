@@ -15,10 +15,10 @@ import pytest
 
 from qvaudio.core import tone
 from qvaudio.core.formats import CHANNEL_POSITIONS, MAX_CHANNELS, AudioFormat, SampleFormat
-from qvaudio.guest import devices as guest_devices
 from qvaudio.pulse import devices as pulse_devices
-from qvaudio.pulse.pcm import PcmStream, PulseError, strerror
+from qvaudio.pulse.pcm import VOLUME_NORM, PcmStream, PulseError, StreamClosed, strerror
 from tests.audio_daemons import AudioServer, PulseAudioServer
+from tests.waiting import wait_until
 
 STEREO_S16 = AudioFormat(48000, SampleFormat.S16LE, 2)
 FIRST_DATA_TIMEOUT_S = 5.0
@@ -120,6 +120,76 @@ def test_tone_survives_playback_and_record(
     assert tone.estimate_frequency(body, fmt.rate) == pytest.approx(1000.0, rel=0.005)
     assert tone.nonsilent_fraction(samples, fmt.rate) >= 0.99
     assert tone.gaps(samples, fmt.rate, min_gap_ms=2.0) == []
+
+
+def test_a_variable_rate_stream_plays_at_the_rate_asked(
+    audio_server: AudioServer, test_sink: str
+) -> None:
+    """Clock-drift control changes the host stream's rate while it plays:
+    a 1 kHz tone of 48 kHz samples said to be 60 kHz is heard at 1.25 kHz."""
+    fmt = STEREO_S16
+    fragment = fmt.bytes_for_ms(50)
+    server = audio_server.server
+    with PcmStream.record(server, f"{test_sink}.monitor", fmt, "t", "rec", fragment) as rec:
+        recorder = Recorder(rec, fragment)
+        recorder.wait_for_data()
+        with PcmStream.playback(
+            server, test_sink, fmt, "t", "tone", fmt.bytes_for_ms(200), variable_rate=True
+        ) as play:
+            play.set_rate(60000)
+            assert play.rate == 60000
+            play.write(tone.generate_sine(1000.0, fmt, 2.0))
+            play.drain()
+        time.sleep(0.2)  # the tail still travels through the monitor
+        samples = tone.decode_mono(recorder.stop(), fmt)
+    onset, offset = tone.find_onset(samples, 0.01), tone.find_offset(samples, 0.01)
+    assert onset is not None and offset is not None, "the tone never arrived"
+    body = samples[onset + fmt.rate // 10 : offset - fmt.rate // 10]
+    assert tone.estimate_frequency(body, fmt.rate) == pytest.approx(1250.0, rel=0.005)
+    assert (offset - onset) / fmt.rate == pytest.approx(1.6, abs=0.05)
+
+
+def test_the_server_reports_an_underflow(audio_server: AudioServer, test_sink: str) -> None:
+    """The host stream's underflow event, which pa_simple never passed on."""
+    fmt = STEREO_S16
+    with PcmStream.playback(
+        audio_server.server, test_sink, fmt, "t", "short", fmt.bytes_for_ms(40)
+    ) as play:
+        assert play.underflows == 0
+        play.write(bytes(fmt.bytes_for_ms(100)))
+        before = time.monotonic()
+        wait_until(lambda: play.underflows >= 1, "the underflow event")
+        assert before - 1.0 < play.last_underflow_at <= time.monotonic()
+
+
+def test_volume_is_read_and_set_on_the_stream_itself(
+    audio_server: AudioServer, test_sink: str, pulse: pulsectl.Pulse
+) -> None:
+    """dom0 sets a VM's starting volume through the stream's own connection."""
+    fmt = STEREO_S16
+    with PcmStream.playback(
+        audio_server.server,
+        test_sink,
+        fmt,
+        "t",
+        "vol",
+        fmt.bytes_for_ms(40),
+        props={"org.qvaudio.test": "vol"},
+    ) as play:
+        assert play.volume() == [VOLUME_NORM, VOLUME_NORM]
+        play.set_volume(VOLUME_NORM // 4)
+        assert play.volume() == [VOLUME_NORM // 4] * 2
+
+        def seen_by_others() -> bool:
+            # Another connection (the desktop's mixer) sees it too; on
+            # PipeWire a moment later.
+            (ours,) = [
+                i for i in pulse.sink_input_list() if i.proplist.get("org.qvaudio.test") == "vol"
+            ]
+            assert ours.index == play.index
+            return bool(abs(ours.volume.value_flat - 0.25) < 0.001)
+
+        wait_until(seen_by_others, "the mixer to see 25 %")
 
 
 def test_latency_is_positive_and_plausible(audio_server: AudioServer, test_sink: str) -> None:
@@ -284,26 +354,44 @@ def test_server_death_fails_a_blocked_read(
     assert info.value.message
 
 
-def test_close_waits_for_a_read_in_progress(audio_server: AudioServer, test_sink: str) -> None:
+def test_close_interrupts_a_read_in_progress(audio_server: AudioServer, test_sink: str) -> None:
+    """A read of 30 s of audio is waiting when another thread closes the
+    stream: it returns at once with StreamClosed (no reaper, no server round
+    trip), and the stream refuses any later call."""
     fragment = STEREO_S16.bytes_for_ms(20)
     rec = PcmStream.record(
         audio_server.server, f"{test_sink}.monitor", STEREO_S16, "t", "t", fragment
     )
-    recorder = Recorder(rec, fragment)
-    recorder.wait_for_data()
-    # Closing under a running reader must neither crash nor hang: the reader's
-    # next call is refused cleanly.
+    outcome: list[BaseException] = []
+    started = threading.Event()
+
+    def read_long() -> None:
+        started.set()
+        try:
+            rec.read(STEREO_S16.bytes_for_ms(30_000))
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read_long, daemon=True)
+    reader.start()
+    assert started.wait(5)
+    # The read is under way once it holds the stream (a call in progress).
+    wait_until(lambda: rec._busy == 1, "the read to start", 5)
     rec.close()
-    with pytest.raises(ValueError, match="closed"):
-        recorder.stop()
+    reader.join(10)  # a ceiling: the read returns as soon as it is woken
+    assert not reader.is_alive(), "close did not interrupt the read"
+    assert len(outcome) == 1 and isinstance(outcome[0], StreamClosed), outcome
     assert rec.closed
+    with pytest.raises(ValueError, match="closed"):
+        rec.read(fragment)
 
 
 def test_a_stream_opened_alongside_never_takes_anothers_properties(
     audio_server: AudioServer, test_sink: str, pulse: pulsectl.Pulse
 ) -> None:
-    """Properties reach libpulse through the environment; a stream opened at
-    the same moment by another thread, without properties, must not see them."""
+    """Each stream's properties are its own: a stream opened at the same
+    moment by another thread, without properties, must not see them (they
+    once went through the environment)."""
     fmt = STEREO_S16
     opened: list[PcmStream] = []
     lock = threading.Lock()
@@ -391,7 +479,7 @@ def test_a_passive_opening_that_waits_holds_up_no_other_connection(
     """On PipeWire a passive record stream on an idle sink opens only once
     its graph runs. Seen in the guest agent: such an opening held the lock of
     every libpulse context for up to 30 s, so its watcher could not connect,
-    not even to end that stream. Now the opening holds only the stream lock."""
+    not even to end that stream. Now an opening holds no lock while it waits."""
     server = pipewire_server.server
     sink = "t_passive_waits"
     with pulse_devices.connect("qvaudio-test", server) as p:
@@ -399,7 +487,7 @@ def test_a_passive_opening_that_waits_holds_up_no_other_connection(
     outcome: list[str] = []
 
     def open_passive() -> None:
-        props = {"node.passive": "true", guest_devices.STREAM_TOKEN_KEY: "waits"}
+        props = {"node.passive": "true", "org.qvaudio.test": "waits"}
         try:
             monitor = f"{sink}.monitor"
             with PcmStream.record(server, monitor, STEREO_S16, "t", "passive", 1920, props):
@@ -412,11 +500,14 @@ def test_a_passive_opening_that_waits_holds_up_no_other_connection(
         opener.start()
         opener.join(1.0)
         assert opener.is_alive(), f"the passive opening did not wait: {outcome}"
-        # A new context, made while the opening waits, finds the waiting stream.
-        assert guest_devices.end_stream(server, "waits")
+        # A new connection, made while the opening waits, sees the waiting stream.
+        with pulse_devices.connect("qvaudio-test", server) as p:
+            waiting = [
+                o for o in p.source_output_list() if o.proplist.get("org.qvaudio.test") == "waits"
+            ]
+        assert waiting, "the waiting stream is not on the server"
     finally:
-        # A sound runs the graph, which is what the opening waits for (ending
-        # it from the server's side takes effect only then, too).
+        # A sound runs the graph, which is what the opening waits for.
         raw = tmp_path / "tone.raw"
         raw.write_bytes(tone.generate_sine(440.0, STEREO_S16, 0.3))
         pacat = ["pacat", "--raw", "--format=s16le", "--rate=48000", "--channels=2"]

@@ -40,9 +40,10 @@ class Notifier:
         self.repeat_after = repeat_after
         self.max_per_minute = max_per_minute
         self._gdbus = shutil.which("gdbus") if enabled else None
-        # The child gets this copy, taken before any stream exists: with no
-        # env, exec reads the C environment, which pulse.pcm rewrites while a
-        # stream opens, and a fork in the middle of that failed with EFAULT.
+        # The child gets this copy, taken at start: with no env, exec reads
+        # the C environment as another thread may be changing it (an older
+        # pulse.pcm set stream properties there, and a fork in the middle of
+        # that failed with EFAULT).
         self._env = dict(os.environ)
         self._has_bus = bool(os.environ.get("DBUS_SESSION_BUS_ADDRESS")) or os.path.exists(
             f"/run/user/{os.getuid()}/bus"

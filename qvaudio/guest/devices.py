@@ -51,8 +51,6 @@ DEFAULTS_GRACE_S: Final = 5.0
 #: How often, inside that window, the defaults are checked without an event.
 DEFAULTS_CHECK_S: Final = 0.5
 _EVENT_FACILITIES: Final = ("sink_input", "source_output", "sink", "source", "server")
-#: A source output's property naming the agent's stream, so that exactly it can be ended.
-STREAM_TOKEN_KEY: Final = "org.qvaudio.stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,29 +348,3 @@ def restart_sink_clock(server: str | None, sink_name: str) -> None:
             pulse.sink_suspend(sink.index, 0)
     except pulsectl.PulseError as exc:
         log.debug("could not restart the clock of %s: %s", sink_name, exc)
-
-
-#: pulsectl binds pa_context_kill_source_output but wraps no method around it;
-#: its own wrapper factory makes one, as for its other per-index calls.
-_kill_source_output: Any = pulsectl.Pulse._pulse_method_call(
-    pulsectl._pulsectl.pa.context_kill_source_output, None
-)
-
-
-def end_stream(server: str | None, token: str) -> bool:
-    """End the record stream carrying `token` from the server's side; True if one was found.
-
-    A blocked pa_simple_read cannot be interrupted by its client, but
-    returns with an error once the server kills its stream.
-    """
-    try:
-        with pulse_devices.connect(CLIENT_NAME + "-reap", server) as pulse:
-            found = False
-            for output in pulse.source_output_list():
-                if output.proplist.get(STREAM_TOKEN_KEY) == token:
-                    _kill_source_output(pulse, output.index)
-                    found = True
-            return found
-    except pulsectl.PulseError as exc:
-        log.debug("could not end the stream %s: %s", token, exc)
-        return False

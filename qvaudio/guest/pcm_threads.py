@@ -1,7 +1,8 @@
 """The guest agent's blocking PCM work, one thread per stream, and how threads reach the loop.
 
-libpulse-simple calls block, so each stream gets a thread: `MonitorReader`
-records the virtual output's monitor and posts each period to the main loop;
+A stream's reads and writes block (`qvaudio.pulse.pcm`), so each stream gets
+a thread: `MonitorReader` records the virtual output's monitor and posts each
+period to the main loop;
 `MicWriter` plays dom0's microphone audio into the virtual microphone's
 backing sink. Threads never touch the loop's state: they `post` to a
 `Mailbox`, which wakes the loop's selector through a pipe.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import logging
 import os
 import queue
@@ -21,17 +21,14 @@ from dataclasses import dataclass
 from typing import Final
 
 from qvaudio.core.formats import AudioFormat
-from qvaudio.guest.devices import STREAM_TOKEN_KEY, end_stream, restart_sink_clock
+from qvaudio.guest.devices import restart_sink_clock
 from qvaudio.pulse.pcm import PcmStream, PulseError
 
 log = logging.getLogger(__name__)
 
 APP_NAME: Final = "qvaudio-guest"
-#: A stopped reader still reading after this long is blocked on an idle monitor.
-REAP_AFTER_S: Final = 0.2
 #: A passive monitor's read blocked this long spanned a stop of PipeWire's graph.
 PAUSED_AFTER_S: Final = 0.1
-_tokens = itertools.count(1)
 
 
 class Mailbox:
@@ -110,7 +107,6 @@ class MonitorReader:
         self._server = server
         self._sink = sink
         self._period_bytes = fmt.bytes_for_ms(period_ms)
-        self._token = f"monitor-{os.getpid()}-{next(_tokens)}"
         #: Set by the loop while dom0 is told nothing plays: silence is then
         #: dropped here, since `GuestSession.audio` ignores silence while
         #: corked, and an idle VM should not wake the loop 100 times a second.
@@ -121,21 +117,13 @@ class MonitorReader:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to end; it closes its stream within one period, or soon if idle."""
+        """End the thread: its stream closes now, even while a read waits on an idle monitor."""
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._thread.is_alive():
-            # Off the caller's thread: the audio server may be slow to answer.
-            threading.Thread(target=self._reap, name="monitor-reaper", daemon=True).start()
-
-    def _reap(self) -> None:
-        # An idle monitor delivers nothing, so the read may never return by
-        # itself; left alone, the thread and its stream would linger until
-        # the next sound.
-        self._thread.join(REAP_AFTER_S)
-        if self._thread.is_alive():
-            end_stream(self._server, self._token)
+        stream = self._stream
+        if stream is not None:
+            stream.close()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -154,13 +142,13 @@ class MonitorReader:
                 props={"application.id": "org.qvaudio.guest", **props},
             )
 
-        ours = {"media.role": "production", STREAM_TOKEN_KEY: self._token}
+        ours = {"media.role": "production"}
         if not self.passive:
             return record("dom0 speakers", ours)
         # PipeWire answers the opening of a passive stream only once the
-        # graph runs, which on an idle sink is at the next sound: a blocked
-        # open would hold the stream-opening lock the microphone needs. A
-        # short ordinary stream runs the graph while the passive one opens.
+        # graph runs, which on an idle sink is at the next sound, long after
+        # the opening's time limit. A short ordinary stream runs the graph
+        # while the passive one opens.
         with record("dom0 speakers (opening)", {}):
             return record("dom0 speakers", {**ours, "node.passive": "true"})
 
@@ -181,6 +169,8 @@ class MonitorReader:
             self._mailbox.post(MonitorFailed(self, str(exc)))
             return
         self._stream = stream
+        if self._stop.is_set():  # stopped while it opened: stop() saw no stream
+            stream.close()
         restart_sink_clock(self._server, self._sink)
         try:
             while not self._stop.is_set():

@@ -1,1 +1,1 @@
-"""PulseAudio and PipeWire: PCM streams (libpulse-simple), devices (pulsectl), private daemons."""
+"""PulseAudio and PipeWire: PCM streams (libpulse), devices (pulsectl), private daemons."""

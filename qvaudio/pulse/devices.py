@@ -24,7 +24,6 @@ from typing import Any, Final
 import pulsectl
 
 from qvaudio.core.formats import AudioFormat
-from qvaudio.pulse.pcm import ENV_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +231,5 @@ def source_state(pulse: Pulse, name: str) -> DeviceState:
 
 
 def connect(client_name: str, server: str | None = None) -> Pulse:
-    """A connected pulsectl.Pulse (a context manager; close it when done).
-
-    Made under pulse_pcm.ENV_LOCK: libpulse reads the environment while it
-    creates a context, and a stream opening in another thread may be writing
-    its properties there at that moment."""
-    with ENV_LOCK:
-        return pulsectl.Pulse(client_name, server=server)
+    """A connected pulsectl.Pulse (a context manager; close it when done)."""
+    return pulsectl.Pulse(client_name, server=server)

@@ -82,9 +82,10 @@ class QrexecDialer(Listener):
     def __init__(self, target: str = "@default", service: str = SERVICE) -> None:
         super().__init__(f"qrexec:{target}:{service}")
         self._argv = [CLIENT, target, service]
-        # The call gets this copy, taken before any stream exists: with no
-        # env, exec reads the C environment, which pulse.pcm rewrites while a
-        # stream opens (a fork in the middle of that fails with EFAULT).
+        # The call gets this copy, taken at start: with no env, exec reads
+        # the C environment as another thread may be changing it (an older
+        # pulse.pcm set stream properties there; a fork in the middle of
+        # that failed with EFAULT).
         self._env = dict(os.environ)
         self._epoll: select.epoll | None = select.epoll()
         # A pipe holding one byte is the "dial now" signal: always readable.
