@@ -77,6 +77,10 @@ class ControlCommands(AgentBase):
                         link.playback.queued_bytes * 1000 / link.playback.format.bytes_per_second, 1
                     )
                     entry["playback"]["host_stream"] = self._host_stream_state(link.playback)
+                    # The host stream's rate, following the VM's clock.
+                    matcher = link.playback.rate_matcher
+                    entry["playback"]["rate_hz"] = matcher.rate
+                    entry["playback"]["drift_ppm"] = round(matcher.drift_ppm, 1)
             vms[name] = entry
         watcher = self.policy_watcher
         streams = [vm["playback"].get("host_stream") for vm in vms.values() if "playback" in vm]

@@ -4,8 +4,12 @@ stream per VM that may use the microphone.
 Each stream is a blocking `PcmStream` in its own thread. Playback is fed
 from a queue whose size the agent bounds (it stops reading a guest whose
 queue is full: that is the back-pressure), and the blocking write paces it
-at real time. If the host server goes away (restart, crash) the thread
-re-opens the stream with back-off, so VMs' audio comes back by itself.
+at real time. The VM's clock and the host sound card's differ, so the
+stream's rate follows the VM's (`core.playout.RateMatcher`, fed the queue
+after every write): the queue stays where it is instead of creeping up
+into latency or down into gaps. If the host server goes away (restart,
+crash) the thread re-opens the stream with back-off, so VMs' audio comes
+back by itself.
 
 Every VM's stream is named after the VM (application.name, media.name) with
 an icon, so the desktop mixer shows it like any application and remembers
@@ -19,10 +23,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from qvaudio.core.formats import AudioFormat
-from qvaudio.pulse.pcm import PcmStream, PulseError
+from qvaudio.core.playout import RateMatcher
+from qvaudio.pulse.pcm import VOLUME_NORM, PcmStream, PulseError
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +36,11 @@ VM_PROPERTY = "qvaudio.vm"
 #: Reopening a stream on the local host server is cheap, and each second
 #: waited after the server came back is a second of silence for the VM.
 RETRY_MAX_S = 0.5
-#: PulseAudio's 100 % (PA_VOLUME_NORM) as pulsectl's float.
+#: 100 % as a float (the mixer's percent / 100).
 FULL_VOLUME = 1.0
 #: Audio that comes this long after the host stream ran dry is a pause (the
 #: guest stopped sending), not an underrun; shorter, the listener heard a gap.
 PAUSE_S = 0.5
-#: Slack for the client library's interpolated latency before calling it dry.
-DRY_MARGIN_S = 0.002
 #: Audio shorter than this is joined to the chunk queued before it: the host
 #: stream gets few, larger writes whatever size of frames a guest sends.
 COALESCE_MS = 10
@@ -119,7 +121,6 @@ class HostPlayback(_HostThread):
         latency_ms: int,
         initial_volume: float,
         label: str | None = None,
-        pulse_connect: Callable[[], Any] | None = None,
     ) -> None:
         self.vm_name = vm_name
         self.format = fmt
@@ -128,7 +129,6 @@ class HostPlayback(_HostThread):
         self._coalesce = fmt.bytes_for_ms(COALESCE_MS)
         self._initial_volume = initial_volume
         self._props = stream_properties(vm_name, label, "playback")
-        self._pulse_connect = pulse_connect
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0
         self._cond = threading.Condition()
@@ -148,6 +148,10 @@ class HostPlayback(_HostThread):
         self._over_since: float | None = None
         self.last_write = time.monotonic()
         self.open_failures = 0
+        #: The host stream's rate, following the VM's clock.
+        self.rate_matcher = RateMatcher(fmt.rate, drift_ppm=_learned_drift.get(server))
+        #: Set by `put` when it cut a backlog: the matcher's history is void.
+        self._trimmed = False
         self._kind = "playback"
         self._thread = threading.Thread(target=self._run, name=f"play-{vm_name}", daemon=True)
         self._thread.start()
@@ -205,6 +209,7 @@ class HostPlayback(_HostThread):
                 while self._queued > hold and len(self._queue) > 1:
                     self._drop_oldest()
                 self._over_since = None
+                self._trimmed = True
             self._cond.notify()
 
     def _drop_oldest(self) -> None:
@@ -235,6 +240,7 @@ class HostPlayback(_HostThread):
                     f"{self.vm_name} playback",
                     self._tlength,
                     props=self._props,
+                    variable_rate=True,
                 )
             except PulseError as exc:
                 self._discard_while_down()
@@ -251,7 +257,7 @@ class HostPlayback(_HostThread):
             self.open_failures = 0
             self._opened = True
             delay = 0.1
-            self._apply_initial_volume()
+            self._apply_initial_volume(self._stream)
             try:
                 self._pump(self._stream)
             except PulseError as exc:
@@ -262,14 +268,16 @@ class HostPlayback(_HostThread):
                     stream.close()
 
     def _pump(self, stream: PcmStream) -> None:
+        matcher = self.rate_matcher
+        if matcher.rate != stream.rate:
+            stream.set_rate(matcher.rate)  # the drift learned before
+        bytes_per_s = self.format.rate * self.format.frame_size
+        tlength_s = self._tlength / bytes_per_s
         priming = True
         restarting = False
-        # When the host will have played everything written so far: the
-        # stream's latency after each write, on our clock. pa_simple has no
-        # underflow callback; arriving after this is what one would report.
-        dry_at: float | None = None
+        underflows = stream.underflows
         # Not judged until a buffer's worth is written after each (re)start:
-        # PulseAudio plays nothing before then, and its estimate means little.
+        # PulseAudio plays nothing before then.
         judged_from = self.played_bytes + self._tlength
         while True:
             with self._cond:
@@ -281,15 +289,17 @@ class HostPlayback(_HostThread):
                 if not self._queue:
                     continue
                 now = time.monotonic()
-                if dry_at is not None and now > dry_at + DRY_MARGIN_S:
-                    heard = self.played_bytes >= judged_from and now - dry_at < PAUSE_S
+                if stream.underflows != underflows:
+                    # The server ran out of audio (its underflow event).
+                    underflows = stream.underflows
+                    dry_for = now - stream.last_underflow_at
+                    heard = self.played_bytes >= judged_from and dry_for < PAUSE_S
                     # Only a gap heard mid-stream makes what queued meanwhile late.
                     restarting = heard and not self._after_idle
                     if restarting:
                         self.underruns += 1
                         log.debug("%s: host stream ran dry %.1f ms before audio came",
-                                  self.vm_name, (now - dry_at) * 1000)  # fmt: skip
-                    dry_at = None
+                                  self.vm_name, dry_for * 1000)  # fmt: skip
                     priming = True  # the host has run dry: start again with a reserve
                     judged_from = self.played_bytes + self._tlength
                 self._after_idle = False
@@ -309,18 +319,27 @@ class HostPlayback(_HostThread):
                         keep = self.hold + len(self._queue[-1])
                         while self._queued > keep and len(self._queue) > 1:
                             self._drop_oldest()
+                    matcher.reset(now)
                 restarting = False
+                if self._trimmed:
+                    self._trimmed = False
+                    matcher.reset(now)
                 chunk = self._queue.popleft()
                 self._queued -= len(chunk)
                 ran_dry = not self._queue
+                target_s = self.hold / bytes_per_s + tlength_s
             stream.write(chunk)
             self.played_bytes += len(chunk)
             latency = stream.latency_us()
             self.last_write = time.monotonic()
-            # Zero until the stream has started playing: nothing to predict yet.
-            dry_at = self.last_write + latency / 1e6 if latency > 0 else None
             if ran_dry:
                 self.latency_us = latency
+            # Everything between the VM's newest sample and the speaker.
+            queue_s = self._queued / bytes_per_s + latency / 1e6
+            rate = matcher.update(self.last_write, queue_s, target_s)
+            if rate is not None:
+                stream.set_rate(rate)
+                _learned_drift[self._server] = matcher.drift_ppm
 
     def _discard_while_down(self) -> None:
         # Keep the queue from holding stale audio while the host server is down;
@@ -329,23 +348,26 @@ class HostPlayback(_HostThread):
             self._queue.clear()
             self._queued = 0
 
-    def _apply_initial_volume(self) -> None:
+    def _apply_initial_volume(self, stream: PcmStream) -> None:
         """Start at the policy's default volume unless the mixer restored one.
 
         A fresh stream comes up at 100 %; any other volume means the desktop
         remembered the user's choice for this VM, and that wins.
         """
-        if self._pulse_connect is None or self._initial_volume >= FULL_VOLUME:
+        if self._initial_volume >= FULL_VOLUME:
             return
         try:
-            with self._pulse_connect() as pulse:
-                for sink_input in pulse.sink_input_list():
-                    if sink_input.proplist.get(VM_PROPERTY) != self.vm_name:
-                        continue
-                    if abs(sink_input.volume.value_flat - FULL_VOLUME) < 0.01:
-                        pulse.volume_set_all_chans(sink_input, self._initial_volume)
-        except Exception as exc:  # pulsectl raises several unrelated types
+            volumes = stream.volume()
+            if volumes and all(abs(v - VOLUME_NORM) <= VOLUME_NORM // 100 for v in volumes):
+                stream.set_volume(round(self._initial_volume * VOLUME_NORM))
+        except PulseError as exc:
             log.warning("%s: could not set the initial volume: %s", self.vm_name, exc)
+
+
+#: The clocks' ratio the last stream to each host server learned, in ppm: a
+#: new stream starts at it instead of learning it again (the sound card and
+#: the machine's clock are the same ones for every VM).
+_learned_drift: dict[str | None, float] = {}
 
 
 class HostCapture(_HostThread):

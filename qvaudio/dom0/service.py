@@ -14,7 +14,6 @@ import contextlib
 import selectors
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from qvaudio.core.actions import Log, Notify, Send
 from qvaudio.core.cost import LogLimiter
@@ -179,7 +178,6 @@ class VmService(AgentBase):
                         latency_ms=self.settings.playback_latency_ms,
                         initial_volume=volume,
                         label=link.target.label,
-                        pulse_connect=self._pulse_connect,
                     )
                 case StopPlayback():
                     self._close_host(link.playback)
@@ -222,11 +220,6 @@ class VmService(AgentBase):
         link = self.links.get(name)
         if link is not None:
             self._post("mic", (name, link.capture, chunk))
-
-    def _pulse_connect(self) -> Any:
-        from qvaudio.pulse.devices import connect as pulse_connect
-
-        return pulse_connect("qvaudio-dom0", self.server)
 
     def _flush_once(self, link: VmLink) -> None:
         with contextlib.suppress(TransportError):
