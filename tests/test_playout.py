@@ -48,6 +48,8 @@ class Link:
     #: ppm (or ppm at a host time): positive, the VM's clock runs faster.
     drift: float | Callable[[float], float]
     target: float = TARGET
+    #: Whether the matcher is told the target (dom0 tells none).
+    tell_target: bool = True
     seed: int = 0
     #: The simulated shell trims the backlog to the target when it grows this far over it.
     trim_above: float = TRIM_ABOVE
@@ -90,6 +92,8 @@ class Link:
         rng = self.rng.random
         update, reset = self.matcher.update, self.matcher.reset
         target, held_until, trim_above = self.target, self.held_until, self.trim_above
+        # dom0 tells no target: the queue is held where it settled.
+        told = target if self.tell_target else None
         drift = self.drift
         varying = drift if callable(drift) else None
         period = CHUNK if callable(drift) else CHUNK / (1 + drift * 1e-6)
@@ -119,7 +123,7 @@ class Link:
                 queue = target
                 reset(now)
             noise = (rng() - 0.5) * sawtooth + (rng() + rng() - 1) * measure_jitter
-            new = update(now, queue + noise, target)
+            new = update(now, queue + noise, told)
             if new is not None:
                 self.changes.append((now, new))
                 rate = new
@@ -458,3 +462,13 @@ def test_a_clock_that_steps_back_starts_the_window_again() -> None:
 def test_nonsense_settings_are_refused(nominal: int, options: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RateMatcher(nominal, **options)
+
+
+def test_with_no_target_the_queue_is_held_where_it_settled() -> None:
+    """dom0 passes no target: the queue stays where the stream started, at +300 ppm too."""
+    for drift in (300.0, -300.0):
+        link = Link(RateMatcher(NOMINAL), drift, seed=5, tell_target=False)
+        link.run(600.0)
+        assert link.underruns == link.trims == 0
+        assert link.worst(60.0) <= TOLERANCE
+        assert abs(link.matcher.drift_ppm - drift) <= 25

@@ -172,12 +172,14 @@ class RateMatcher:
         """The learned clocks' ratio, in ppm: positive when the VM's clock runs faster."""
         return self._drift / PPM
 
-    def update(self, now: float, queue_s: float, target_s: float) -> int | None:
+    def update(self, now: float, queue_s: float, target_s: float | None = None) -> int | None:
         """Take one measurement; the new rate to ask for, or None to keep `rate`.
 
         `queue_s` is the audio between the VM's newest sample and the speaker
         (dom0's queue plus the server's buffer) just after a write, `target_s`
-        where it should be. At most one new rate per window.
+        where it should be; None holds it where the first window after the
+        construction or a `reset` found it (where the stream settled when
+        it started). At most one new rate per window.
         """
         start = self._window_start
         if start is None or now < start:
@@ -195,7 +197,7 @@ class RateMatcher:
         self._window_start = now
         self._sum = 0.0
         self._count = 0
-        if not (math.isfinite(mean) and math.isfinite(target_s)):
+        if not (math.isfinite(mean) and (target_s is None or math.isfinite(target_s))):
             return None  # a broken measurement must not poison what was learned
         return self._control(mean, target_s, min(elapsed, self._max_dt))
 
@@ -214,7 +216,7 @@ class RateMatcher:
 
     # -- the controller ------------------------------------------------------------------
 
-    def _control(self, mean: float, target: float, dt: float) -> int | None:
+    def _control(self, mean: float, target: float | None, dt: float) -> int | None:
         share = self._locked_s / self._acquire_s if self._acquire_s else 1.0
         tau = self._tau_acquire + (self._tau - self._tau_acquire) * share
         if self._error is None:
@@ -260,8 +262,9 @@ class RateMatcher:
         else:
             self._locked_s = min(self._acquire_s, self._locked_s + dt)
 
-        self._goal = target
-        gap = target - self._reference
+        if target is not None:
+            self._goal = target
+        gap = self._goal - self._reference
         limit = self._glide * self._window_s
         self._velocity = max(-limit, min(limit, gap)) / self._window_s
 

@@ -262,6 +262,8 @@ void pa_stream_set_latency_update_callback(pa_stream *p, pa_stream_notify_cb_t c
                                            void *userdata);
 int pa_stream_get_latency(pa_stream *s, pa_usec_t *r_usec, int *negative);
 const pa_timing_info *pa_stream_get_timing_info(pa_stream *s);
+pa_operation *pa_stream_update_timing_info(pa_stream *p, pa_stream_success_cb_t cb,
+                                          void *userdata);
 const pa_buffer_attr *pa_stream_get_buffer_attr(pa_stream *s);
 
 pa_operation_state_t pa_operation_get_state(const pa_operation *o);

@@ -41,6 +41,8 @@ FULL_VOLUME = 1.0
 #: Audio that comes this long after the host stream ran dry is a pause (the
 #: guest stopped sending), not an underrun; shorter, the listener heard a gap.
 PAUSE_S = 0.5
+#: A (re)started host stream's queue is measured for drift after this long.
+SETTLE_S = 1.0
 #: Audio shorter than this is joined to the chunk queued before it: the host
 #: stream gets few, larger writes whatever size of frames a guest sends.
 COALESCE_MS = 10
@@ -272,9 +274,9 @@ class HostPlayback(_HostThread):
         if matcher.rate != stream.rate:
             stream.set_rate(matcher.rate)  # the drift learned before
         bytes_per_s = self.format.rate * self.format.frame_size
-        tlength_s = self._tlength / bytes_per_s
         priming = True
         restarting = False
+        measure_from = 0.0
         underflows = stream.underflows
         # Not judged until a buffer's worth is written after each (re)start:
         # PulseAudio plays nothing before then.
@@ -320,6 +322,9 @@ class HostPlayback(_HostThread):
                         while self._queued > keep and len(self._queue) > 1:
                             self._drop_oldest()
                     matcher.reset(now)
+                    # The stream settles first (prebuffering, the server's
+                    # first requests): not a queue to hold.
+                    measure_from = now + SETTLE_S
                 restarting = False
                 if self._trimmed:
                     self._trimmed = False
@@ -327,7 +332,6 @@ class HostPlayback(_HostThread):
                 chunk = self._queue.popleft()
                 self._queued -= len(chunk)
                 ran_dry = not self._queue
-                target_s = self.hold / bytes_per_s + tlength_s
             stream.write(chunk)
             self.played_bytes += len(chunk)
             latency = stream.latency_us()
@@ -336,7 +340,12 @@ class HostPlayback(_HostThread):
                 self.latency_us = latency
             # Everything between the VM's newest sample and the speaker.
             queue_s = self._queued / bytes_per_s + latency / 1e6
-            rate = matcher.update(self.last_write, queue_s, target_s)
+            # Held where the stream settled when it (re)started: that is the
+            # latency the reserve and the server's start gave, and all drift
+            # control must do is keep it.
+            if self.last_write < measure_from:
+                continue
+            rate = matcher.update(self.last_write, queue_s)
             if rate is not None:
                 stream.set_rate(rate)
                 _learned_drift[self._server] = matcher.drift_ppm
