@@ -21,12 +21,15 @@ from dataclasses import dataclass
 from typing import Final
 
 from qvaudio.core.formats import AudioFormat
+from qvaudio.core.playout import RateMatcher
 from qvaudio.guest.devices import restart_sink_clock
 from qvaudio.pulse.pcm import PcmStream, PulseError
 
 log = logging.getLogger(__name__)
 
 APP_NAME: Final = "qvaudio-guest"
+#: A (re)started microphone stream's queue is measured for drift after this long.
+SETTLE_S: Final = 1.0
 #: A passive monitor's read blocked this long spanned a stop of PipeWire's graph.
 PAUSED_AFTER_S: Final = 0.1
 
@@ -220,6 +223,10 @@ class MicWriter:
         self._queued = 0
         self._cond = threading.Condition()
         self._stopping = False
+        #: The virtual microphone's rate, following the host microphone's clock.
+        self._matcher = RateMatcher(fmt.rate)
+        self._underflows = 0
+        self._measure_from = time.monotonic() + SETTLE_S
         self._thread = threading.Thread(target=self._run, name="mic-writer", daemon=True)
         self._thread.start()
 
@@ -244,6 +251,25 @@ class MicWriter:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+    def _follow_clock(self, stream: PcmStream) -> None:
+        """Keep the queue where it settled: the host microphone's clock is not the VM's.
+
+        After each write, as dom0 does for playback (`core.playout`). A
+        stream that ran dry (no microphone audio for a while, or a stall)
+        starts again from its prebuffer: the queue is measured afresh."""
+        now = time.monotonic()
+        if stream.underflows != self._underflows:
+            self._underflows = stream.underflows
+            self._matcher.reset(now)
+            self._measure_from = now + SETTLE_S
+        if now < self._measure_from:
+            return
+        bytes_per_s = self.format.bytes_per_second
+        queue_s = self._queued / bytes_per_s + stream.latency_us() / 1e6
+        rate = self._matcher.update(now, queue_s)
+        if rate is not None:
+            stream.set_rate(rate)
 
     def _next(self) -> bytes | None:
         with self._cond:
@@ -274,6 +300,7 @@ class MicWriter:
                 # queued absorbs that jitter instead of playing gaps.
                 prebuf_bytes=period * 4,
                 props={"application.id": "org.qvaudio.guest"},
+                variable_rate=True,
             )
         except PulseError as exc:
             log.warning("cannot feed the virtual microphone: %s", exc)
@@ -284,6 +311,7 @@ class MicWriter:
                 usable = len(pcm) - len(pcm) % self.format.frame_size
                 if usable:
                     stream.write(pcm[:usable])
+                    self._follow_clock(stream)
         except PulseError as exc:
             # The audio server went away; the watcher reports that and the
             # agent starts a new writer once the devices are back.
