@@ -277,6 +277,7 @@ class HostPlayback(_HostThread):
         priming = True
         restarting = False
         measure_from = 0.0
+        base_s: float | None = None
         underflows = stream.underflows
         # Not judged until a buffer's worth is written after each (re)start:
         # PulseAudio plays nothing before then.
@@ -325,6 +326,7 @@ class HostPlayback(_HostThread):
                     # The stream settles first (prebuffering, the server's
                     # first requests): not a queue to hold.
                     measure_from = now + SETTLE_S
+                    base_s = None
                 restarting = False
                 if self._trimmed:
                     self._trimmed = False
@@ -340,12 +342,16 @@ class HostPlayback(_HostThread):
                 self.latency_us = latency
             # Everything between the VM's newest sample and the speaker.
             queue_s = self._queued / bytes_per_s + latency / 1e6
-            # Held where the stream settled when it (re)started: that is the
-            # latency the reserve and the server's start gave, and all drift
-            # control must do is keep it.
             if self.last_write < measure_from:
                 continue
-            rate = matcher.update(self.last_write, queue_s)
+            # The target is where the stream settled when it (re)started,
+            # the server's share plus the reserve then; the reserve moves
+            # with the session's jitter estimate, and the target with it, so
+            # a reserve grown by a stall is not kept as latency for ever.
+            hold_s = self.hold / bytes_per_s
+            if base_s is None:
+                base_s = queue_s - hold_s
+            rate = matcher.update(self.last_write, queue_s, base_s + hold_s)
             if rate is not None:
                 stream.set_rate(rate)
                 _learned_drift[self._server] = matcher.drift_ppm

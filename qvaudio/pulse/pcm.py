@@ -265,6 +265,8 @@ class Engine:
             raise MemoryError("pa_threaded_mainloop_new failed")
         self._handle = _ffi.new_handle(self)
         self._context: Any = None
+        #: Why the last context failed (PA_ERR_*).
+        self._failure = ERR_CONNECTIONTERMINATED
         self._stopped = False
         if lib.pa_threaded_mainloop_start(self._mainloop) < 0:
             raise PulseError(10, "cannot start libpulse's thread", "starting libpulse")
@@ -284,49 +286,55 @@ class Engine:
         _load().pa_threaded_mainloop_signal(self._mainloop, 0)
 
     def context(self, deadline: float) -> Any:
-        """The ready context, connecting (again) if needed. Call with the lock held."""
+        """The ready context, connecting (again) if needed. Call with the lock held.
+
+        Several threads may wait for the same connection; whichever sees it
+        fail frees it, so the others must never touch it again: each
+        compares the engine's context with the one it waited for."""
         lib = _load()
         where = f"connecting to {self.server or 'the default server'}"
-        context = self._context
-        if context is not None:
-            state = lib.pa_context_get_state(context)
-            if state == lib.PA_CONTEXT_READY:
-                return context
-            if state in (lib.PA_CONTEXT_FAILED, lib.PA_CONTEXT_TERMINATED):
-                self._drop_context()
-                context = None
-        if context is None:
-            if self._stopped:
-                raise PulseError(ERR_BADSTATE, "libpulse has been stopped", where)
-            # The client's own properties; each stream sets its name and more.
-            props = _proplist({"application.name": "qvaudio", "application.id": "org.qvaudio"})
-            api = lib.pa_threaded_mainloop_get_api(self._mainloop)
-            context = lib.pa_context_new_with_proplist(api, b"qvaudio", props)
-            if context == _ffi.NULL:
-                raise MemoryError("pa_context_new_with_proplist failed")
-            self._context = context
-            lib.pa_context_set_state_callback(context, _on_context_state, self._handle)
-            if (
-                lib.pa_context_connect(
-                    context, _enc(self.server), lib.PA_CONTEXT_NOAUTOSPAWN, _ffi.NULL
-                )
-                < 0
-            ):
-                code = lib.pa_context_errno(context)
-                self._drop_context()
-                raise error(code, where)
+        waited_for: Any = None
         while True:
+            context = self._context
+            if waited_for is not None and context is not waited_for:
+                # Another waiter saw it fail and let it go.
+                raise error(self._failure, where)
+            if context is None:
+                context = self._connect(where)
+                waited_for = context  # a new connection that fails is an answer
             state = lib.pa_context_get_state(context)
             if state == lib.PA_CONTEXT_READY:
                 return context
             if state in (lib.PA_CONTEXT_FAILED, lib.PA_CONTEXT_TERMINATED):
-                code = lib.pa_context_errno(context)
+                self._failure = int(lib.pa_context_errno(context)) or ERR_CONNECTIONTERMINATED
                 self._drop_context()
-                raise error(code or ERR_CONNECTIONTERMINATED, where)
+                if waited_for is None:
+                    continue  # failed before this call: connect afresh
+                raise error(self._failure, where)
             if time.monotonic() > deadline:
-                self._drop_context()
                 raise error(ERR_TIMEOUT, where)
+            waited_for = context
             self._timed_wait(deadline)
+
+    def _connect(self, where: str) -> Any:
+        """Start connecting a new context (the engine's from now on)."""
+        lib = _load()
+        if self._stopped:
+            raise PulseError(ERR_BADSTATE, "libpulse has been stopped", where)
+        # The client's own properties; each stream sets its name and more.
+        props = _proplist({"application.name": "qvaudio", "application.id": "org.qvaudio"})
+        api = lib.pa_threaded_mainloop_get_api(self._mainloop)
+        context = lib.pa_context_new_with_proplist(api, b"qvaudio", props)
+        if context == _ffi.NULL:
+            raise MemoryError("pa_context_new_with_proplist failed")
+        self._context = context
+        lib.pa_context_set_state_callback(context, _on_context_state, self._handle)
+        flags = lib.PA_CONTEXT_NOAUTOSPAWN
+        if lib.pa_context_connect(context, _enc(self.server), flags, _ffi.NULL) < 0:
+            self._failure = int(lib.pa_context_errno(context)) or ERR_CONNECTIONTERMINATED
+            self._drop_context()
+            raise error(self._failure, where)
+        return context
 
     def _timed_wait(self, deadline: float) -> None:
         """Wait for a signal, or until shortly after `deadline` (a timer signals)."""
@@ -797,7 +805,7 @@ class PcmStream(Closing):
         stream = self._enter("querying volume of")
         try:
             waiter = _Waiter(self._engine)
-            context = self._engine.context(time.monotonic() + OPEN_TIMEOUT_S)
+            context = lib.pa_stream_get_context(stream)  # ready, as the stream is
             getter = lib.pa_context_get_sink_input_info if self.is_playback else None
             if getter is None:
                 raise ValueError("only a playback stream's volume is read")
@@ -819,7 +827,7 @@ class PcmStream(Closing):
             for i in range(self.format.channels):
                 cvolume.values[i] = volume
             waiter = _Waiter(self._engine)
-            context = self._engine.context(time.monotonic() + OPEN_TIMEOUT_S)
+            context = lib.pa_stream_get_context(stream)  # ready, as the stream is
             operation = lib.pa_context_set_sink_input_volume(
                 context,
                 int(lib.pa_stream_get_index(stream)),
