@@ -555,16 +555,13 @@ class PcmStream(Closing):
                 raise error(lib.pa_context_errno(context), f"opening {where}")
             self._stream = stream
             lib.pa_stream_set_state_callback(stream, _on_stream_state, self._handle)
-            lib.pa_stream_set_latency_update_callback(stream, _on_stream_signal, self._handle)
             lib.pa_stream_set_underflow_callback(stream, _on_underflow, self._handle)
             lib.pa_stream_set_overflow_callback(stream, _on_overflow, self._handle)
             if playback:
-                lib.pa_stream_set_write_callback(stream, _on_stream_request, self._handle)
                 rc = lib.pa_stream_connect_playback(
                     stream, _enc(device), attr, flags, _ffi.NULL, _ffi.NULL
                 )
             else:
-                lib.pa_stream_set_read_callback(stream, _on_stream_request, self._handle)
                 rc = lib.pa_stream_connect_record(stream, _enc(device), attr, flags)
             if rc < 0:
                 raise error(lib.pa_context_errno(context), f"opening {where}")
@@ -656,13 +653,13 @@ class PcmStream(Closing):
                 # replace the context's error (why it failed) with its own.
                 stream = self._usable("reading")
                 if lib.pa_stream_readable_size(stream) == 0:
-                    self._engine.wait()
+                    self._wait_for(lib.pa_stream_set_read_callback, _on_stream_request)
                     continue
                 if lib.pa_stream_peek(stream, data, size) < 0:
                     raise error(self._errno(), f"reading {self._description}")
                 available = int(size[0])
                 if available == 0:
-                    self._engine.wait()
+                    self._wait_for(lib.pa_stream_set_read_callback, _on_stream_request)
                     continue
                 take = min(available - self._read_offset, want - got)
                 if data[0] != _ffi.NULL:
@@ -682,6 +679,22 @@ class PcmStream(Closing):
 
     _read_offset = 0
 
+    def _wait_for(self, set_callback: Any, callback: Any) -> None:
+        """Wait (lock held) until the event `set_callback` reports, or any other signal.
+
+        The callback is set only while someone waits: each call from
+        libpulse's thread takes the interpreter lock, and a stream's requests
+        come every few milliseconds (more when the server resamples it) while
+        its writer seldom has to wait. No event is missed: nothing reaches
+        libpulse's thread while this thread holds the lock, until the wait."""
+        stream = self._stream
+        set_callback(stream, callback, self._handle)
+        try:
+            self._engine.wait()
+        finally:
+            if self._stream is not None:
+                set_callback(self._stream, _ffi.NULL, _ffi.NULL)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue whole frames for playback; blocks while the server's buffer is full."""
         lib = _load()
@@ -696,7 +709,7 @@ class PcmStream(Closing):
                 stream = self._usable("writing")
                 room = int(lib.pa_stream_writable_size(stream))
                 if room == 0:
-                    self._engine.wait()
+                    self._wait_for(lib.pa_stream_set_write_callback, _on_stream_request)
                     continue
                 take = min(room, total - done)
                 # No free callback: libpulse copies the data.
@@ -749,11 +762,12 @@ class PcmStream(Closing):
         try:
             if self.is_playback:
                 while (queued := self._queued_us(stream)) is None:
-                    self._engine.wait()  # the first timing update is on its way
+                    # The first timing update is on its way.
+                    self._wait_for(lib.pa_stream_set_latency_update_callback, _on_stream_signal)
                     stream = self._usable("querying latency of")
                 return queued
             while lib.pa_stream_get_latency(stream, usec, negative) < 0:
-                self._engine.wait()
+                self._wait_for(lib.pa_stream_set_latency_update_callback, _on_stream_signal)
                 stream = self._usable("querying latency of")
             return 0 if negative[0] else int(usec[0])
         finally:
