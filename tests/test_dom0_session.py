@@ -391,6 +391,17 @@ def test_position_reports_follow_the_host() -> None:
     assert h.run(h.session.tick(h.now + 0.4)) == []  # not yet due again
 
 
+def test_position_reports_carry_the_microphone_latency_without_playback() -> None:
+    """Found by bench/capture_bench.py: a VM that only records was told 0."""
+    h = Harness(ALLOW_ALL)
+    h.negotiate()
+    h.send(CaptureRequest(True))
+    h.session.host_capture_status(12000)
+    h.run(h.session.tick(h.now + 5))
+    positions = [event for event in h.received if isinstance(event, Position)]
+    assert positions and positions[-1].capture_latency_us == 12000
+
+
 def test_guest_goodbye_closes_without_reply() -> None:
     h = Harness(ALLOW_ALL)
     h.negotiate()

@@ -165,6 +165,10 @@ class VmSession(PlaybackSide, CaptureSide):
         self._host = _HostView(played_frames, playback_latency_us, capture_latency_us)
         self.counters.frames_played = played_frames
 
+    def host_capture_status(self, capture_latency_us: int) -> None:
+        """The host microphone's latency alone, while the VM plays nothing."""
+        self._host.capture_latency_us = capture_latency_us
+
     def tick(self, now: float) -> list[Action]:
         """Time passed: timeouts and position reports."""
         if self.closed:

@@ -74,6 +74,9 @@ class VmService(AgentBase):
             refusal = playback.take_refusal()
             if refusal is not None:
                 actions += session.host_playback_failed(refusal, now)
+        elif capture is not None:
+            # A VM may record without playing: its recorder's latency counts too.
+            session.host_capture_status(capture.latency_us)
         if capture is not None:
             refusal = capture.take_refusal()
             if refusal is not None:
