@@ -6,7 +6,7 @@ in one run.
 
 For each method, a fresh "VM" and "host" PulseAudio pair (private daemons).
 The host's "microphone" is its default source, made the monitor of its null
-sink; the VM application is an ordinary client (pa_simple, 10 ms fragments)
+sink; the VM application is an ordinary client (`qvaudio.pulse.pcm.PcmStream`, 10 ms fragments)
 recording the VM's *default* source, which each method sets up:
 
 * qvaudio: both agents (shipped qvaudio.yaml, Unix-socket transport), a
@@ -520,7 +520,7 @@ def main() -> None:
             "impulses": args.impulses,
             "first_audio_trials": args.first_audio_trials,
             "host_microphone": f"{HOST_MIC} (the host's default source)",
-            "vm_application": "pa_simple record of the VM's default source, 10 ms fragments",
+            "vm_application": "a PcmStream record of the VM's default source, 10 ms fragments",
         },
         "rows": rows,
     }

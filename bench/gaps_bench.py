@@ -5,7 +5,7 @@
 
 Three independent "VM"/"host" PulseAudio pairs, one per method, run at the
 same time (so the wall clock is N minutes, not 3N, and all three see the same
-machine load). In each VM an ordinary client (pa_simple, 100 ms buffer)
+machine load). In each VM an ordinary client (`qvaudio.pulse.pcm.PcmStream`, 100 ms buffer)
 plays a 1 kHz sine at half scale into the default sink; the host sink's
 monitor is recorded and every silent run of 1 ms or more
 (`qvaudio.core.tone.gaps(..., min_gap_ms=1)`) is a gap. The recording is analysed

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.latency_bench [--impulses 100] [--no-extra]
 
 For each method, a fresh "VM" and "host" PulseAudio pair (private daemons);
-an ordinary client (pa_simple, 40 ms buffer) plays 1 kHz bursts of 5 ms into
+an ordinary client (`qvaudio.pulse.pcm.PcmStream`, 40 ms buffer) plays 1 kHz bursts of 5 ms into
 the VM's default sink, 250-350 ms apart (irregular, so that no impulse can be
 paired with its neighbour whatever the latency). The VM sink's monitor and
 the host sink's monitor are recorded at the same time; every 10 ms chunk is
