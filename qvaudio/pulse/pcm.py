@@ -26,7 +26,13 @@ callbacks signal. A call blocked in a wait returns at once, with
 
 Callbacks are Python functions libpulse calls from its thread; each only
 records an event and signals the condition, and none lets an exception
-reach C (``onerror`` logs it).
+reach C (``onerror`` logs it). Each call takes the interpreter lock, so
+the frequent ones (write and read requests, timing updates) are set only
+while a call waits for them; state, underflow and overflow stay set.
+
+A playback stream's latency is counted from the timing info's byte
+indices rather than taken from ``pa_stream_get_latency``, which breaks
+after a rate change (see `PcmStream._queued_us`).
 """
 
 from __future__ import annotations
