@@ -141,12 +141,6 @@ typedef enum pa_stream_state {
     PA_STREAM_TERMINATED = 4
 } pa_stream_state_t;
 
-typedef enum pa_operation_state {
-    PA_OPERATION_RUNNING = 0,
-    PA_OPERATION_DONE = 1,
-    PA_OPERATION_CANCELLED = 2
-} pa_operation_state_t;
-
 /* pa_context_flags_t */
 enum {
     PA_CONTEXT_NOFLAGS = 0,
@@ -203,7 +197,6 @@ typedef void (*pa_free_cb_t)(void *p);
 
 /* The threaded main loop: its own thread, one lock, one condition. */
 pa_threaded_mainloop *pa_threaded_mainloop_new(void);
-void pa_threaded_mainloop_free(pa_threaded_mainloop *m);
 int pa_threaded_mainloop_start(pa_threaded_mainloop *m);
 void pa_threaded_mainloop_stop(pa_threaded_mainloop *m);
 void pa_threaded_mainloop_lock(pa_threaded_mainloop *m);
@@ -211,8 +204,6 @@ void pa_threaded_mainloop_unlock(pa_threaded_mainloop *m);
 void pa_threaded_mainloop_wait(pa_threaded_mainloop *m);
 void pa_threaded_mainloop_signal(pa_threaded_mainloop *m, int wait_for_accept);
 pa_mainloop_api *pa_threaded_mainloop_get_api(pa_threaded_mainloop *m);
-int pa_threaded_mainloop_in_thread(pa_threaded_mainloop *m);
-void pa_threaded_mainloop_set_name(pa_threaded_mainloop *m, const char *name);
 
 pa_proplist *pa_proplist_new(void);
 void pa_proplist_free(pa_proplist *p);
@@ -256,7 +247,6 @@ pa_operation *pa_stream_update_sample_rate(pa_stream *s, uint32_t rate,
 void pa_stream_set_state_callback(pa_stream *s, pa_stream_notify_cb_t cb, void *userdata);
 void pa_stream_set_write_callback(pa_stream *p, pa_stream_request_cb_t cb, void *userdata);
 void pa_stream_set_read_callback(pa_stream *p, pa_stream_request_cb_t cb, void *userdata);
-void pa_stream_set_overflow_callback(pa_stream *p, pa_stream_notify_cb_t cb, void *userdata);
 void pa_stream_set_underflow_callback(pa_stream *p, pa_stream_notify_cb_t cb, void *userdata);
 void pa_stream_set_latency_update_callback(pa_stream *p, pa_stream_notify_cb_t cb,
                                            void *userdata);
@@ -264,9 +254,7 @@ int pa_stream_get_latency(pa_stream *s, pa_usec_t *r_usec, int *negative);
 const pa_timing_info *pa_stream_get_timing_info(pa_stream *s);
 pa_operation *pa_stream_update_timing_info(pa_stream *p, pa_stream_success_cb_t cb,
                                           void *userdata);
-const pa_buffer_attr *pa_stream_get_buffer_attr(pa_stream *s);
 
-pa_operation_state_t pa_operation_get_state(const pa_operation *o);
 void pa_operation_unref(pa_operation *o);
 void pa_operation_cancel(pa_operation *o);
 

@@ -10,7 +10,7 @@ host server. Why libpulse's asynchronous API, through cffi in ABI mode:
   ``qvaudio/decl/libpulse.h``.
 * The asynchronous API gives what the blocking ``pa_simple`` hides: stream
   properties (``pa_stream_new_with_proplist``, no environment variables), the
-  server's underflow and overflow events, timing info, a variable rate for
+  server's underflow events, timing info, a variable rate for
   clock-drift control, the sink input's index (its volume is set on the same
   connection), and waits that another thread can interrupt. It behaves the
   same against PulseAudio 16 and pipewire-pulse, since both speak the same
@@ -28,7 +28,7 @@ Callbacks are Python functions libpulse calls from its thread; each only
 records an event and signals the condition, and none lets an exception
 reach C (``onerror`` logs it). Each call takes the interpreter lock, so
 the frequent ones (write and read requests, timing updates) are set only
-while a call waits for them; state, underflow and overflow stay set.
+while a call waits for them; state and underflow stay set.
 
 A playback stream's latency is counted from the timing info's byte
 indices rather than taken from ``pa_stream_get_latency``, which breaks
@@ -77,7 +77,6 @@ TIMING_TRUST_S: Final = 2.0
 ERR_CONNECTIONTERMINATED: Final = 11
 ERR_TIMEOUT: Final = 8
 ERR_BADSTATE: Final = 15
-ERR_NODATA: Final = 16
 
 _lib: Any = None
 _lib_lock = threading.Lock()
@@ -204,13 +203,6 @@ def _on_underflow(_stream: Any, userdata: Any) -> None:
     stream: PcmStream = _ffi.from_handle(userdata)
     stream.last_underflow_at = time.monotonic()
     stream.underflows += 1
-    _load().pa_threaded_mainloop_signal(stream._engine._mainloop, 0)
-
-
-@_ffi.callback("void(pa_stream *, void *)", onerror=_callback_failed)
-def _on_overflow(_stream: Any, userdata: Any) -> None:
-    stream: PcmStream = _ffi.from_handle(userdata)
-    stream.overflows += 1
     _load().pa_threaded_mainloop_signal(stream._engine._mainloop, 0)
 
 
@@ -452,7 +444,6 @@ class PcmStream(Closing):
         #: The server's events, counted by libpulse's thread.
         self.underflows = 0
         self.last_underflow_at = 0.0
-        self.overflows = 0
         #: Why the server failed the stream (PA_ERR_*), 0 while it has not.
         self._failure = 0
         self.rate = fmt.rate
@@ -562,7 +553,6 @@ class PcmStream(Closing):
             self._stream = stream
             lib.pa_stream_set_state_callback(stream, _on_stream_state, self._handle)
             lib.pa_stream_set_underflow_callback(stream, _on_underflow, self._handle)
-            lib.pa_stream_set_overflow_callback(stream, _on_overflow, self._handle)
             if playback:
                 rc = lib.pa_stream_connect_playback(
                     stream, _enc(device), attr, flags, _ffi.NULL, _ffi.NULL
@@ -596,7 +586,6 @@ class PcmStream(Closing):
             lib.pa_stream_set_state_callback,
             lib.pa_stream_set_latency_update_callback,
             lib.pa_stream_set_underflow_callback,
-            lib.pa_stream_set_overflow_callback,
         ):
             setter(stream, _ffi.NULL, _ffi.NULL)
         lib.pa_stream_set_write_callback(stream, _ffi.NULL, _ffi.NULL)
