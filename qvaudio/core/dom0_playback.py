@@ -11,7 +11,6 @@ out, or the host running dry), a step less after each quiet half minute.
 from __future__ import annotations
 
 import logging
-import math
 
 from qvaudio.core.actions import Log
 from qvaudio.core.dom0_actions import Action, Play, StartPlayback, StopPlayback
@@ -27,6 +26,7 @@ from qvaudio.core.events import (
 )
 from qvaudio.core.formats import AudioFormat
 from qvaudio.core.gain import apply_gain, percent_to_gain
+from qvaudio.core.playout_queue import JitterReserve, ReserveLimits
 from qvaudio.core.policy import Direction, choose_format
 
 
@@ -47,12 +47,29 @@ class PlaybackSide(VmSessionBase):
         self._denial_logged: set[Direction] = set()
         #: When the host will have played all the audio sent so far (estimate).
         self._playout_end: float | None = None
-        self.jitter_ms = self.limits.jitter_start_ms
-        self._jitter_changed = now
-        self._jitter_grown = -math.inf
+        limits = self.limits
+        self._reserve = JitterReserve(
+            ReserveLimits(
+                start_ms=limits.jitter_start_ms,
+                step_ms=limits.jitter_step_ms,
+                max_ms=limits.jitter_max_ms,
+                decay_s=limits.jitter_decay_s,
+                same_stall_s=limits.jitter_same_stall_s,
+            ),
+            now,
+        )
         self._host_dry_seen = 0
 
     # -- what the shell asks ---------------------------------------------------------
+
+    @property
+    def jitter_ms(self) -> int:
+        """The jitter reserve: audio kept before the host stream (re)starts."""
+        return self._reserve.ms
+
+    @jitter_ms.setter
+    def jitter_ms(self, ms: int) -> None:
+        self._reserve.ms = ms
 
     @property
     def gain(self) -> float:
@@ -265,24 +282,10 @@ class PlaybackSide(VmSessionBase):
             actions += self._reconcile_playback(now)
             if self.closed:
                 return actions
-        if (
-            self.jitter_ms > limits.jitter_start_ms
-            and now - self._jitter_changed > limits.jitter_decay_s
-        ):
-            self._adapt_jitter(now, -limits.jitter_step_ms)
+        self._reserve.tick(now)
         return actions
 
     def _grow_jitter(self, now: float) -> None:
         # One stall is often seen twice, as a late arrival and as the host
-        # running dry a moment later: it earns one step, not two.
-        if now - self._jitter_grown < self.limits.jitter_same_stall_s:
-            return
-        self._jitter_grown = now
-        self._adapt_jitter(now, +self.limits.jitter_step_ms)
-
-    def _adapt_jitter(self, now: float, step_ms: int) -> None:
-        limits = self.limits
-        self.jitter_ms = min(
-            max(self.jitter_ms + step_ms, limits.jitter_start_ms), limits.jitter_max_ms
-        )
-        self._jitter_changed = now
+        # running dry a moment later: the reserve counts it once.
+        self._reserve.gap(now)

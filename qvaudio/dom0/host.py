@@ -18,7 +18,6 @@ its volume per VM.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -26,6 +25,8 @@ from collections.abc import Callable
 
 from qvaudio.core.formats import AudioFormat
 from qvaudio.core.playout import RateMatcher
+from qvaudio.core.playout_queue import PlayoutQueue
+from qvaudio.pulse.feed import feed
 from qvaudio.pulse.pcm import VOLUME_NORM, PcmStream, PulseError
 
 log = logging.getLogger(__name__)
@@ -128,49 +129,64 @@ class HostPlayback(_HostThread):
         self.format = fmt
         self._server = server
         self._tlength = fmt.bytes_for_ms(latency_ms)
-        self._coalesce = fmt.bytes_for_ms(COALESCE_MS)
         self._initial_volume = initial_volume
         self._props = stream_properties(vm_name, label, "playback")
-        self._queue: collections.deque[bytes] = collections.deque()
-        self._queued = 0
         self._cond = threading.Condition()
         self._stop = False
         #: Set with _stop: what a retry waits on, so that queued audio never wakes it.
         self._stopped = threading.Event()
         self._stream: PcmStream | None = None
-        self.played_bytes = 0
+        #: The queue and its decisions (reserve, backlog, gaps, rate); under _cond.
+        self._playout = PlayoutQueue(
+            fmt.rate,
+            fmt.frame_size,
+            # Not judged until a buffer's worth is written after each (re)start:
+            # PulseAudio plays nothing before then.
+            judge_after=self._tlength,
+            coalesce=fmt.bytes_for_ms(COALESCE_MS),
+            pause_s=PAUSE_S,
+            settle_s=SETTLE_S,
+            drift_ppm=_learned_drift.get(server),
+        )
         self.latency_us = 0
-        self.late_drops = 0
-        #: Times the host stream ran dry while the VM was playing: gaps heard.
-        self.underruns = 0
-        self._after_idle = False
-        #: The jitter reserve, in bytes (set with every `put`).
-        self.hold = 0
-        self.trim_after_s = 0.5
-        self._over_since: float | None = None
         self.last_write = time.monotonic()
         self.open_failures = 0
-        #: The host stream's rate, following the VM's clock.
-        self.rate_matcher = RateMatcher(fmt.rate, drift_ppm=_learned_drift.get(server))
-        #: Set by `put` when it cut a backlog: the matcher's history is void.
-        self._trimmed = False
         self._kind = "playback"
         self._thread = threading.Thread(target=self._run, name=f"play-{vm_name}", daemon=True)
         self._thread.start()
 
     @property
     def queued_bytes(self) -> int:
-        return self._queued
+        return self._playout.queued
+
+    @property
+    def played_bytes(self) -> int:
+        return self._playout.taken
 
     @property
     def played_frames(self) -> int:
         return self.played_bytes // self.format.frame_size
 
     @property
+    def late_drops(self) -> int:
+        """Chunks dropped: over the limit, a backlog cut, or late after a gap."""
+        return self._playout.late_drops
+
+    @property
+    def underruns(self) -> int:
+        """Times the host stream ran dry while the VM was playing: gaps heard."""
+        return self._playout.underruns
+
+    @property
+    def rate_matcher(self) -> RateMatcher:
+        """The host stream's rate, following the VM's clock."""
+        return self._playout.matcher
+
+    @property
     def consuming(self) -> bool:
         """The host takes audio: it wrote recently, or has nothing to write."""
         return self._stream is not None and (
-            self._queued == 0 or time.monotonic() - self.last_write < 0.5
+            self._playout.queued == 0 or time.monotonic() - self.last_write < 0.5
         )
 
     def put(
@@ -182,50 +198,19 @@ class HostPlayback(_HostThread):
         *,
         after_idle: bool = False,
     ) -> None:
-        """Queue `pcm` (the session's numbers: see VmSession.playback_*).
-
-        `limit`: never more than this queued; the oldest goes first. `hold`:
-        the reserve kept before the host stream (re)starts, the jitter
-        buffer. `trim`: a queue above this for a while is a backlog (after
-        the host stalled, say) and is cut back to `hold`, so latency returns
-        to what it was instead of keeping every stall for ever. `after_idle`:
-        the first audio after the guest was idle, so the host running dry
-        before it was a pause, not an underrun.
-        """
+        """Queue `pcm` (the session's numbers: see VmSession.playback_* and
+        `PlayoutQueue.put`)."""
         now = time.monotonic()
         with self._cond:
-            self._after_idle = self._after_idle or after_idle
-            self.hold = hold
-            if self._queue and len(self._queue[-1]) < self._coalesce:
-                self._queue[-1] += pcm
-            else:
-                self._queue.append(pcm)
-            self._queued += len(pcm)
-            while self._queued > limit and len(self._queue) > 1:
-                self._drop_oldest()
-            if trim is None or self._queued <= trim:
-                self._over_since = None
-            elif self._over_since is None:
-                self._over_since = now
-            elif now - self._over_since > self.trim_after_s:
-                while self._queued > hold and len(self._queue) > 1:
-                    self._drop_oldest()
-                self._over_since = None
-                self._trimmed = True
+            self._playout.put(pcm, now, limit=limit, hold=hold, trim=trim, after_idle=after_idle)
             self._cond.notify()
-
-    def _drop_oldest(self) -> None:
-        dropped = self._queue.popleft()
-        self._queued -= len(dropped)
-        self.late_drops += 1
 
     def stop(self) -> None:
         """Stop without waiting: the agent's loop must never block on the host server."""
         with self._cond:
             self._stop = True
             self._stopped.set()
-            self._queue.clear()
-            self._queued = 0
+            self._playout.clear()
             self._cond.notify()
 
     # -- the thread -----------------------------------------------------------------
@@ -270,98 +255,19 @@ class HostPlayback(_HostThread):
                     stream.close()
 
     def _pump(self, stream: PcmStream) -> None:
-        matcher = self.rate_matcher
-        if matcher.rate != stream.rate:
-            stream.set_rate(matcher.rate)  # the drift learned before
-        bytes_per_s = self.format.rate * self.format.frame_size
-        priming = True
-        restarting = False
-        measure_from = 0.0
-        base_s: float | None = None
-        underflows = stream.underflows
-        # Not judged until a buffer's worth is written after each (re)start:
-        # PulseAudio plays nothing before then.
-        judged_from = self.played_bytes + self._tlength
-        while True:
-            with self._cond:
-                while not self._queue and not self._stop:
-                    if not self._cond.wait(timeout=0.5):
-                        break
-                if self._stop:
-                    return
-                if not self._queue:
-                    continue
-                now = time.monotonic()
-                if stream.underflows != underflows:
-                    # The server ran out of audio (its underflow event).
-                    underflows = stream.underflows
-                    dry_for = now - stream.last_underflow_at
-                    heard = self.played_bytes >= judged_from and dry_for < PAUSE_S
-                    # Only a gap heard mid-stream makes what queued meanwhile late.
-                    restarting = heard and not self._after_idle
-                    if restarting:
-                        self.underruns += 1
-                        log.debug("%s: host stream ran dry %.1f ms before audio came",
-                                  self.vm_name, dry_for * 1000)  # fmt: skip
-                    priming = True  # the host has run dry: start again with a reserve
-                    judged_from = self.played_bytes + self._tlength
-                self._after_idle = False
-                if priming:
-                    deadline = time.monotonic() + 0.5
-                    while self._queued < self.hold and not self._stop:
-                        left = deadline - time.monotonic()
-                        if left <= 0 or not self._cond.wait(timeout=left):
-                            break
-                    priming = False
-                    if self._stop or not self._queue:
-                        continue
-                    if restarting:
-                        # What piled up while the host ran dry is late: played
-                        # in full it would stay in the latency for as long as
-                        # the VM plays. Keep the reserve, newest audio last.
-                        keep = self.hold + len(self._queue[-1])
-                        while self._queued > keep and len(self._queue) > 1:
-                            self._drop_oldest()
-                    matcher.reset(now)
-                    # The stream settles first (prebuffering, the server's
-                    # first requests): not a queue to hold.
-                    measure_from = now + SETTLE_S
-                    base_s = None
-                restarting = False
-                if self._trimmed:
-                    self._trimmed = False
-                    matcher.reset(now)
-                chunk = self._queue.popleft()
-                self._queued -= len(chunk)
-                ran_dry = not self._queue
-            stream.write(chunk)
-            self.played_bytes += len(chunk)
-            latency = stream.latency_us()
+        def after_write(latency_us: int, ran_dry: bool) -> None:
             self.last_write = time.monotonic()
             if ran_dry:
-                self.latency_us = latency
-            # Everything between the VM's newest sample and the speaker.
-            queue_s = self._queued / bytes_per_s + latency / 1e6
-            if self.last_write < measure_from:
-                continue
-            # The target is where the stream settled when it (re)started,
-            # the server's share plus the reserve then; the reserve moves
-            # with the session's jitter estimate, and the target with it, so
-            # a reserve grown by a stall is not kept as latency for ever.
-            hold_s = self.hold / bytes_per_s
-            if base_s is None:
-                base_s = queue_s - hold_s
-            rate = matcher.update(self.last_write, queue_s, base_s + hold_s)
-            if rate is not None:
-                stream.set_rate(rate)
-                _learned_drift[self._server] = matcher.drift_ppm
+                self.latency_us = latency_us
+            _learned_drift[self._server] = self._playout.matcher.drift_ppm
+
+        feed(stream, self._playout, self._cond, lambda: self._stop, self.vm_name, after_write)
 
     def _discard_while_down(self) -> None:
         # Keep the queue from holding stale audio while the host server is down;
         # the agent stops reading the guest meanwhile, so nothing accumulates.
         with self._cond:
-            self._queue.clear()
-            self._queued = 0
+            self._playout.clear()
 
     def _apply_initial_volume(self, stream: PcmStream) -> None:
         """Start at the policy's default volume unless the mixer restored one.

@@ -1,0 +1,259 @@
+"""The queue in front of a stream that plays audio made on another clock. No I/O, no clock.
+
+Two streams play audio that arrives from elsewhere, in bursts, on a clock
+that is not the player's: dom0's host stream for each VM (the VM's audio
+into the host's speakers) and the guest's virtual microphone (the host's
+microphone into the VM). Both need the same decisions, and they are made
+here, as pure code driven by bytes and times the shell passes in:
+
+* how much to keep in reserve before a stream (re)starts, against late
+  arrivals (`JitterReserve`: a step more after each gap heard, a step less
+  after a quiet while);
+* what a gap heard means: audio that piled up while the stream ran dry is
+  late and goes, keeping the reserve; a stream that was paused (nothing to
+  play for a while) restarts without counting a gap;
+* when a queue that stays above the reserve is a backlog to cut (after a
+  stall, say), so latency returns instead of keeping every stall for ever;
+* the rate to play at, so that clock drift never becomes latency or a gap
+  (`qvaudio.core.playout.RateMatcher`, fed the queue after every write and
+  aimed where the stream settled plus the reserve's moves).
+
+The shell owns the stream, the thread and the lock: it `put`s what arrives,
+`take`s what to write (None: wait, at most `wait_s`), reports the server's
+underflow events (`ran_dry`) and, after each write, the server's latency (`written`),
+and applies the rate that returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+from qvaudio.core.playout import RateMatcher
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveLimits:
+    start_ms: int
+    step_ms: int
+    max_ms: int
+    #: After this long without a gap, the reserve shrinks by a step.
+    decay_s: float
+    #: Gaps closer together than this are one stall seen twice (a late
+    #: arrival, then the stream running dry a moment later): one step.
+    same_stall_s: float
+
+
+class JitterReserve:
+    """How much audio to keep queued against late arrivals, in ms."""
+
+    def __init__(self, limits: ReserveLimits, now: float) -> None:
+        if not 0 <= limits.start_ms <= limits.max_ms or limits.step_ms <= 0:
+            raise ValueError(f"reserve limits do not make sense: {limits}")
+        self.limits = limits
+        self.ms = limits.start_ms
+        self._changed = now
+        self._grown = -math.inf
+
+    def gap(self, now: float) -> bool:
+        """A gap was heard (or audio came too late): one step more; True if it grew."""
+        if now - self._grown < self.limits.same_stall_s:
+            return False
+        self._grown = now
+        return self._step(now, +self.limits.step_ms)
+
+    def tick(self, now: float) -> bool:
+        """Time passed: after `decay_s` without a gap, one step less; True if it shrank."""
+        limits = self.limits
+        if self.ms > limits.start_ms and now - self._changed > limits.decay_s:
+            return self._step(now, -limits.step_ms)
+        return False
+
+    def _step(self, now: float, step_ms: int) -> bool:
+        limits = self.limits
+        before = self.ms
+        self.ms = min(max(self.ms + step_ms, limits.start_ms), limits.max_ms)
+        self._changed = now
+        return self.ms != before
+
+
+class PlayoutQueue:
+    """Audio waiting for a stream; what to write, what to drop, and how fast to play.
+
+    `bytes_per_s` and `frame_size` describe the audio; `judge_after` is the
+    bytes a (re)started stream must be given before it plays at all (its
+    buffer or prebuffer): a stream running dry before then was not heard.
+    `coalesce` joins chunks shorter than it to the one before (fewer,
+    larger writes). `pause_s`: a stream dry this long before audio came was
+    paused, not starved. `settle_s`: a (re)started stream's queue is not
+    measured for drift until this long after (prebuffering, the server's
+    first requests). `prime_timeout_s`: the longest a (re)start waits for
+    the reserve; then what there is plays. `trim_after_s`: how long a
+    queue may stay above the `trim` mark before it is cut to the reserve.
+    """
+
+    def __init__(
+        self,
+        rate: int,
+        frame_size: int,
+        *,
+        judge_after: int,
+        coalesce: int = 0,
+        pause_s: float = 0.5,
+        settle_s: float = 1.0,
+        prime_timeout_s: float = 0.5,
+        trim_after_s: float = 0.5,
+        drift_ppm: float | None = None,
+    ) -> None:
+        self.bytes_per_s = rate * frame_size
+        self.matcher = RateMatcher(rate, drift_ppm=drift_ppm)
+        self._judge_after = judge_after
+        self._coalesce = coalesce
+        self._pause_s = pause_s
+        self._settle_s = settle_s
+        self._prime_timeout_s = prime_timeout_s
+        self.trim_after_s = trim_after_s
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self.queued = 0
+        #: The reserve kept before the stream (re)starts, in bytes (set with every `put`).
+        self.hold = 0
+        #: Bytes handed out to be written, ever.
+        self.taken = 0
+        #: Chunks dropped: over the limit, a backlog cut, or late after a gap.
+        self.late_drops = 0
+        #: Gaps heard: the stream ran dry mid-stream, not after a pause.
+        self.underruns = 0
+        self._after_idle = False
+        self._over_since: float | None = None
+        self._trimmed = False
+        self._priming = True
+        self._prime_deadline: float | None = None
+        self._restarting = False
+        self._judged_from = judge_after
+        self._dry_at: float | None = None
+        #: How long the stream had been dry when the last gap's audio came.
+        self.last_gap_dry_s = 0.0
+        self._measure_from = math.inf
+        self._base_s: float | None = None
+
+    # -- what arrives ------------------------------------------------------------------
+
+    def put(
+        self,
+        pcm: bytes,
+        now: float,
+        *,
+        limit: int,
+        hold: int = 0,
+        trim: int | None = None,
+        after_idle: bool = False,
+    ) -> None:
+        """Queue `pcm`. `limit`: never more than this queued, the oldest goes first.
+        `hold`: the reserve. `trim`: a queue above this for `trim_after_s` is cut
+        back to `hold`. `after_idle`: the first audio after the source was idle,
+        so the stream running dry before it was a pause, not a gap."""
+        self._after_idle = self._after_idle or after_idle
+        self.hold = hold
+        if self._chunks and len(self._chunks[-1]) < self._coalesce:
+            self._chunks[-1] += pcm
+        else:
+            self._chunks.append(pcm)
+        self.queued += len(pcm)
+        self._drop_above(limit)
+        if trim is None or self.queued <= trim:
+            self._over_since = None
+        elif self._over_since is None:
+            self._over_since = now
+        elif now - self._over_since > self.trim_after_s:
+            self._drop_above(hold)
+            self._over_since = None
+            self._trimmed = True
+
+    def clear(self) -> None:
+        """Forget what is queued (the stream is gone, or stopping)."""
+        self._chunks.clear()
+        self.queued = 0
+
+    # -- what the shell writes -----------------------------------------------------------
+
+    def stream_started(self) -> None:
+        """A new stream was opened: it starts from the reserve, unjudged."""
+        self._priming = True
+        self._prime_deadline = None
+        self._restarting = False
+        self._dry_at = None
+        self._judged_from = self.taken + self._judge_after
+
+    def ran_dry(self, at: float) -> None:
+        """The server reported that the stream ran out of audio at `at`.
+
+        Judged when audio comes next (`take`): how long it stayed dry tells
+        a gap from a pause."""
+        self._dry_at = at
+
+    def take(self, now: float) -> bytes | None:
+        """The next chunk to write, or None: nothing yet (wait, at most `wait_s`)."""
+        if not self._chunks:
+            return None
+        if self._dry_at is not None:
+            dry_for_s, self._dry_at = now - self._dry_at, None
+            heard = self.taken >= self._judged_from and dry_for_s < self._pause_s
+            # Only a gap heard mid-stream makes what queued meanwhile late.
+            self._restarting = heard and not self._after_idle
+            if self._restarting:
+                self.underruns += 1
+                self.last_gap_dry_s = dry_for_s
+            self._priming = True  # ran dry: start again with a reserve
+            self._prime_deadline = None
+            self._judged_from = self.taken + self._judge_after
+        self._after_idle = False
+        if self._priming:
+            if self._prime_deadline is None:
+                self._prime_deadline = now + self._prime_timeout_s
+            if self.queued < self.hold and now < self._prime_deadline:
+                return None
+            self._priming = False
+            self._prime_deadline = None
+            if self._restarting:
+                # Played in full, what piled up while the stream ran dry would
+                # stay in the latency for as long as audio flows. Keep the
+                # reserve, newest audio last.
+                self._drop_above(self.hold + len(self._chunks[-1]))
+            self.matcher.reset(now)
+            self._measure_from = now + self._settle_s
+            self._base_s = None
+        self._restarting = False
+        if self._trimmed:
+            self._trimmed = False
+            self.matcher.reset(now)
+        chunk = self._chunks.popleft()
+        self.queued -= len(chunk)
+        self.taken += len(chunk)
+        return chunk
+
+    def wait_s(self, now: float) -> float | None:
+        """How long the shell may wait before calling `take` again if nothing arrives."""
+        if self._priming and self._prime_deadline is not None:
+            return max(0.0, self._prime_deadline - now)
+        return None
+
+    def written(self, now: float, server_s: float) -> int | None:
+        """A chunk was written; the server holds `server_s` of audio. The new rate, or None.
+
+        The target is where the stream settled when it (re)started (the
+        server's share plus the reserve then), moving with the reserve, so
+        a reserve grown by a stall is not kept as latency for ever."""
+        queue_s = self.queued / self.bytes_per_s + server_s
+        if now < self._measure_from:
+            return None
+        hold_s = self.hold / self.bytes_per_s
+        if self._base_s is None:
+            self._base_s = queue_s - hold_s
+        return self.matcher.update(now, queue_s, self._base_s + hold_s)
+
+    def _drop_above(self, size: int) -> None:
+        while self.queued > size and len(self._chunks) > 1:
+            dropped = self._chunks.popleft()
+            self.queued -= len(dropped)
+            self.late_drops += 1
