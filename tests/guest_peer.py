@@ -102,8 +102,8 @@ class Dom0Peer:
     def set_capture(self, status: StreamStatus, reason: str = "") -> None:
         self._send(CaptureState(status, reason))
 
-    def send_mic(self, pcm: bytes, period_ms: int = 10) -> threading.Thread:
-        """Send microphone PCM paced like a real microphone, on a thread."""
+    def send_mic(self, pcm: bytes, period_ms: int = 10, paced: bool = True) -> threading.Thread:
+        """Send microphone PCM paced like a real microphone (or all at once), on a thread."""
         fmt = self.capture_format
         assert fmt is not None, "no capture format agreed"
         step = fmt.bytes_for_ms(period_ms)
@@ -114,7 +114,7 @@ class Dom0Peer:
                 if self._stop.is_set() or self.closed.is_set():
                     return
                 delay = start + i * period_ms / 1000 - time.monotonic()
-                if delay > 0:
+                if paced and delay > 0:
                     time.sleep(delay)
                 self._send(CaptureData(pcm[pos : pos + step]))
 

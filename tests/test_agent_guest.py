@@ -380,6 +380,26 @@ def test_microphone_audio_from_dom0_reaches_a_recording_application(
     assert_tone(recorded.read_bytes(), MONO, 700.0, agent.log())
 
 
+def test_a_microphone_backlog_is_cut_not_kept_as_latency(agent: Agent, peer: Dom0Peer) -> None:
+    """dom0 stalls, then sends 100 ms at once: the VM's queue sheds it within a second
+    instead of keeping it as latency for the rest of the call (issue 14)."""
+    recorded = agent.base / "mic.raw"
+    recorder = record_mic(agent, recorded)
+    try:
+        wait_for(lambda: capture_requests(peer) == [True], "CaptureRequest(start)")
+        peer.set_capture(StreamStatus.RUNNING)
+        peer.send_mic(tone.generate_sine(700.0, MONO, 1.0)).join(DEADLINE_S)
+        assert agent.status()["mic"].get("late_drops", 0) == 0, "nothing late yet"
+        peer.send_mic(tone.generate_sine(700.0, MONO, 0.1), paced=False).join(DEADLINE_S)
+        sender = peer.send_mic(tone.generate_sine(700.0, MONO, 3.0))
+        wait_for(lambda: agent.status()["mic"].get("late_drops", 0) > 0, "the backlog cut")
+        sender.join(DEADLINE_S)
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(DEADLINE_S)
+    assert_tone(recorded.read_bytes(), MONO, 700.0, agent.log())
+
+
 def test_refused_microphone_gives_silence_and_one_notice(agent: Agent, peer: Dom0Peer) -> None:
     recorded = agent.base / "mic.raw"
     recorder = record_mic(agent, recorded)

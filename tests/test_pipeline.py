@@ -128,6 +128,9 @@ def test_microphone_reaches_the_vm_only_while_allowed(idle_pipeline: Pipeline) -
     assert onset is not None and offset is not None, f"no mic audio in the VM\n{pipe.logs()}"
     freq = pitch(during)
     assert abs(freq - 1000) / 1000 < 0.005, f"{freq} Hz"
+    # Whole: the VM's small reserve must not crackle (issue 14: >= 99 % non-silent).
+    coverage = nonsilent_fraction(during, 48000)
+    assert coverage >= 0.99, f"{coverage:.4f} non-silent\n{pipe.logs()}"
     assert after and max(abs(x) for x in after) < 0.01, "mic audio after revocation"
     log = pipe.dom0.log_text(tail=None)
     assert "vm1: microphone capture started" in log

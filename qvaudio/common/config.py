@@ -166,7 +166,7 @@ class Dom0Settings:
     #: Audio dom0 holds for each VM before its host stream (re)starts: the
     #: least jitter reserve. It grows by 10 ms after each gap, up to 100 ms.
     playback_reserve_ms: int = 10
-    capture_period_ms: int = 10
+    capture_period_ms: int = 5
     pulse_server: str = ""
     notifications: bool = True
 

@@ -413,6 +413,7 @@ class GuestAgent:
                 "users": self.usage.recorders,
                 "state": session.conn.capture_status.name.lower() if session else None,
                 "format": self.mic_format.spec() if self.mic_format else None,
+                **(self.workers.mic.status() if self.workers.mic is not None else {}),
             },
         }
 

@@ -10,9 +10,9 @@ backing sink. Threads never touch the loop's state: they `post` to a
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from qvaudio.core.formats import AudioFormat
-from qvaudio.core.playout import RateMatcher
+from qvaudio.core.playout_queue import JitterReserve, PlayoutQueue, ReserveLimits
 from qvaudio.guest.devices import restart_sink_clock
+from qvaudio.pulse.feed import feed
 from qvaudio.pulse.pcm import PcmStream, PulseError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,22 @@ APP_NAME: Final = "qvaudio-guest"
 SETTLE_S: Final = 1.0
 #: A passive monitor's read blocked this long spanned a stop of PipeWire's graph.
 PAUSED_AFTER_S: Final = 0.1
+#: The virtual microphone's reserve starts at this and moves by it (it is
+#: never less than the chunk dom0 sends, whatever its size: a chunk comes whole).
+MIC_RESERVE_STEP_MS: Final = 5
+MIC_RESERVE_MAX_MS: Final = 40
+#: A step of reserve goes after this long without a gap.
+MIC_RESERVE_DECAY_S: Final = 30.0
+#: Gaps this close together are one stall: one more step, not two.
+MIC_SAME_STALL_S: Final = 0.25
+#: The virtual microphone stream's buffer in the VM's audio server.
+MIC_SERVER_BUFFER_MS: Final = 20
+#: A queue this far over the reserve for a while is a backlog.
+MIC_TRIM_MARGIN_MS: Final = 10
+#: Microphone audio after a pause this long starts a new flow (dom0 started capturing).
+MIC_PAUSE_S: Final = 0.5
+#: Gaps in a flow's first this long do not grow the reserve.
+MIC_STARTUP_S: Final = 0.5
 
 
 class Mailbox:
@@ -199,10 +216,15 @@ class MonitorReader:
 class MicWriter:
     """Plays microphone PCM from dom0 into the virtual microphone's backing sink.
 
-    Audio waits in a queue bounded to `max_queue_ms`; beyond it the oldest is
-    dropped, because late microphone audio is worse than missing audio. When
-    nothing comes (dom0 refused, or has not answered yet), nothing is written
-    and recording applications read the null sink's silence.
+    As little is kept queued as plays without a gap: one chunk when dom0's
+    chunks come on time, 5 ms more after each gap heard (a gap as capture
+    starts excepted) and 5 ms less after a quiet while (`MIC_RESERVE_*`),
+    because a call needs the microphone early more than it needs it whole. Audio that piled up while
+    the stream ran dry, or a backlog that stays, goes
+    (`qvaudio.core.playout_queue`); the stream's rate follows the host
+    microphone's clock. When nothing comes (dom0 refused, or has not
+    answered yet), nothing is written and recording applications read the
+    null sink's silence.
     """
 
     def __init__(
@@ -210,79 +232,89 @@ class MicWriter:
         server: str | None,
         sink: str,
         fmt: AudioFormat,
-        period_ms: int,
         max_queue_ms: int = 200,
     ) -> None:
         self.format = fmt
-        self.dropped_bytes = 0
         self._server = server
         self._sink = sink
-        self._period_ms = period_ms
+        self._prebuf = fmt.bytes_for_ms(MIC_RESERVE_STEP_MS)
         self._max_bytes = fmt.bytes_for_ms(max_queue_ms)
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0
         self._cond = threading.Condition()
         self._stopping = False
-        #: The virtual microphone's rate, following the host microphone's clock.
-        self._matcher = RateMatcher(fmt.rate)
-        self._underflows = 0
-        self._measure_from = time.monotonic() + SETTLE_S
+        now = time.monotonic()
+        self.reserve = JitterReserve(
+            ReserveLimits(
+                start_ms=MIC_RESERVE_STEP_MS,
+                step_ms=MIC_RESERVE_STEP_MS,
+                max_ms=MIC_RESERVE_MAX_MS,
+                decay_s=MIC_RESERVE_DECAY_S,
+                same_stall_s=MIC_SAME_STALL_S,
+            ),
+            now,
+        )
+        self._playout = PlayoutQueue(
+            fmt.rate,
+            fmt.frame_size,
+            judge_after=self._prebuf,
+            settle_s=SETTLE_S,
+        )
+        self._gaps_seen = 0
+        self._last_put = -math.inf
+        self._flowing_since = -math.inf
         self._thread = threading.Thread(target=self._run, name="mic-writer", daemon=True)
         self._thread.start()
 
-    def put(self, pcm: bytes) -> None:
+    def status(self) -> dict[str, int]:
+        """For the status file: the reserve, gaps heard, chunks dropped as late."""
         with self._cond:
-            self._chunks.append(pcm)
-            self._queued += len(pcm)
-            while self._queued > self._max_bytes and len(self._chunks) > 1:
-                old = self._chunks.popleft()
-                self._queued -= len(old)
-                if not self.dropped_bytes:
-                    log.warning(
-                        "microphone audio arrives faster than it plays: dropping the oldest"
-                    )
-                self.dropped_bytes += len(old)
+            return {
+                "reserve_ms": self.reserve.ms,
+                "underruns": self._playout.underruns,
+                "late_drops": self._playout.late_drops,
+            }
+
+    def put(self, pcm: bytes) -> None:
+        usable = len(pcm) - len(pcm) % self.format.frame_size
+        if not usable:
+            return
+        now = time.monotonic()
+        with self._cond:
+            if now - self._last_put > MIC_PAUSE_S:
+                self._flowing_since = now
+            self._last_put = now
+            gaps = self._playout.underruns
+            if gaps != self._gaps_seen:
+                self._gaps_seen = gaps
+                # A host record stream delivers unevenly as it starts: a gap
+                # then is not the jitter the reserve is for, and growing it
+                # would keep that latency for the whole call.
+                if now - self._flowing_since > MIC_STARTUP_S:
+                    self.reserve.gap(now)
+            else:
+                self.reserve.tick(now)
+            hold = self.format.bytes_for_ms(self.reserve.ms)
+            self._playout.put(
+                pcm[:usable],
+                now,
+                limit=self._max_bytes,
+                hold=hold,
+                # A backlog (the VM's server stalled while dom0 sent on) is
+                # cut back to the reserve: late microphone audio is worse than
+                # missing audio.
+                trim=hold + self.format.bytes_for_ms(MIC_TRIM_MARGIN_MS),
+            )
             self._cond.notify()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
+            self._playout.clear()
             self._cond.notify()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
-    def _follow_clock(self, stream: PcmStream) -> None:
-        """Keep the queue where it settled: the host microphone's clock is not the VM's.
-
-        After each write, as dom0 does for playback (`core.playout`). A
-        stream that ran dry (no microphone audio for a while, or a stall)
-        starts again from its prebuffer: the queue is measured afresh."""
-        now = time.monotonic()
-        if stream.underflows != self._underflows:
-            self._underflows = stream.underflows
-            self._matcher.reset(now)
-            self._measure_from = now + SETTLE_S
-        if now < self._measure_from:
-            return
-        bytes_per_s = self.format.bytes_per_second
-        queue_s = self._queued / bytes_per_s + stream.latency_us() / 1e6
-        rate = self._matcher.update(now, queue_s)
-        if rate is not None:
-            stream.set_rate(rate)
-
-    def _next(self) -> bytes | None:
-        with self._cond:
-            while not self._chunks and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return None
-            pcm = self._chunks.popleft()
-            self._queued -= len(pcm)
-            return pcm
-
     def _run(self) -> None:
-        period = self.format.bytes_for_ms(self._period_ms)
         try:
             # The agent keeps this stream open while dom0 is connected, not
             # just while an application records: an open, underrun stream
@@ -294,11 +326,14 @@ class MicWriter:
                 self.format,
                 APP_NAME,
                 "dom0 microphone",
-                tlength_bytes=period * 8,
-                # Microphone audio crosses the transport in bursts; starting
-                # (and restarting after an underrun) with four periods
-                # queued absorbs that jitter instead of playing gaps.
-                prebuf_bytes=period * 4,
+                # Small: a backlog beyond it waits in the queue, where it is
+                # cut, not in the server, where it would stay as latency. The
+                # null sink also takes its audio in blocks that grow with
+                # this buffer: at 40 ms and more it ran the stream dry
+                # several times a second (bench/capture_bench.py).
+                tlength_bytes=self.format.bytes_for_ms(MIC_SERVER_BUFFER_MS),
+                # The queue keeps the reserve; the server starts at its first chunk.
+                prebuf_bytes=self._prebuf,
                 props={"application.id": "org.qvaudio.guest"},
                 variable_rate=True,
             )
@@ -307,11 +342,7 @@ class MicWriter:
             return
         restart_sink_clock(self._server, self._sink)
         try:
-            while (pcm := self._next()) is not None:
-                usable = len(pcm) - len(pcm) % self.format.frame_size
-                if usable:
-                    stream.write(pcm[:usable])
-                    self._follow_clock(stream)
+            feed(stream, self._playout, self._cond, lambda: self._stopping, "virtual microphone")
         except PulseError as exc:
             # The audio server went away; the watcher reports that and the
             # agent starts a new writer once the devices are back.

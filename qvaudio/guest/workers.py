@@ -74,12 +74,7 @@ class PcmWorkers:
             current.stop()
             self.mic = current = None
         if fmt is not None and current is None:
-            self.mic = MicWriter(
-                self._server,
-                backing_sink_name(self._settings.source_name),
-                fmt,
-                self._settings.period_ms,
-            )
+            self.mic = MicWriter(self._server, backing_sink_name(self._settings.source_name), fmt)
 
     def delivered(self, reader: MonitorReader) -> bool:
         """`reader` delivered audio: True if it is the current monitor (and so works)."""
