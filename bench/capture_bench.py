@@ -79,6 +79,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.drift_bench import STALL_SLACK_S, IndexedGaps
+from bench.gaps_bench import STARTUP_S
 from bench.latency_bench import (
     AMPLITUDE,
     BURST_HZ,
@@ -88,6 +90,7 @@ from bench.latency_bench import (
     SETTLE_S,
     THRESHOLD,
     _cpu_seconds,
+    _guest_status,
     app_times,
     impulse_train,
     onset_times,
@@ -116,6 +119,7 @@ from bench.pipeline import (
 from qvaudio.core.tone import generate_sine
 from qvaudio.pulse.pcm import PcmStream, PulseError
 from qvaudio.pulse.private import SINK, PrivatePulse
+from tests.stalls import StallMonitor
 
 METHODS = ("qvaudio", "parec_pacat", "tunnel_source")
 VM_NAME = "bench-vm"
@@ -256,6 +260,12 @@ def _capture(route: Route) -> dict[str, Any]:
     capture = dict(vm.get("capture") or {})
     capture["capture_bytes_sent"] = (vm.get("counters") or {}).get("capture_bytes_sent", 0)
     return capture
+
+
+def _guest_mic(route: Route) -> dict[str, Any] | None:
+    """The guest's virtual microphone (its reserve, gaps heard, chunks dropped late)."""
+    status = _guest_status(route)
+    return None if status is None else status.get("mic")
 
 
 def wait_capture_flows(route: Route) -> None:
@@ -468,6 +478,7 @@ def latency(route: Route, impulses: int) -> dict[str, Any]:
         ],
     }
     if route.method == "qvaudio":
+        result["guest_mic_after"] = _guest_mic(route)
         sent = capture_after["capture_bytes_sent"] - capture_before["capture_bytes_sent"]
         result["dom0_capture"] = {
             **{k: capture_after.get(k) for k in ("format", "running")},
@@ -476,11 +487,89 @@ def latency(route: Route, impulses: int) -> dict[str, Any]:
     return result
 
 
+# -- measurement 3: a steady tone, for crackle --------------------------------------------
+
+
+def _gaps_in(
+    rec: AppRecorder | Recorder, times: list[float], stalls: StallMonitor
+) -> dict[str, Any]:
+    """The recording's gaps (>= 1 ms of silence inside the tone), each placed in time
+    by the chunk it fell in, and blamed on the machine only if a stall was measured then."""
+    counter = IndexedGaps("recording")
+    starts: list[int] = []  # first sample of each chunk
+    at = 0
+    for pcm in rec.chunks:
+        starts.append(at)
+        at += len(pcm) // FMT.frame_size
+        counter.feed(pcm, 0.0)
+    counter.finish()
+    listed: list[dict[str, Any]] = []
+    for (since_onset_s, ms), (first, _) in zip(counter.found, counter.at, strict=True):
+        if since_onset_s < STARTUP_S:
+            continue
+        chunk = max(0, int(np.searchsorted(starts, first, side="right")) - 1)
+        when = times[chunk] if chunk < len(times) else None
+        stall = None if when is None else stalls.blame(when, before=0.2, after=0.3)
+        listed.append({
+            "ms": round(ms, 1),
+            "machine_stall": stall is not None and ms / 1000 <= stall.duration_s + STALL_SLACK_S,
+        })  # fmt: skip
+    return {
+        "recorded_s": round(counter.samples / FMT.rate, 1),
+        "gaps": len(listed),
+        "gaps_unexplained": sum(not g["machine_stall"] for g in listed),
+        "gap_ms_total": round(sum(g["ms"] for g in listed), 1),
+        "gap_list": listed[:20],
+    }
+
+
+def steady_tone(route: Route, seconds: float) -> dict[str, Any]:
+    """A continuous tone for `seconds`: gaps heard by the VM application and on the host
+    microphone itself, and the machine's stalls, all in the same run."""
+    time.sleep(0.5)
+    host_rec = Recorder(route.host, HOST_MIC, "host-mic")
+    vm_rec = AppRecorder(route.vm, "vm-app")
+    tone: Tone | None = None
+    try:
+        with StallMonitor() as stalls:
+            for rec in (vm_rec, host_rec):
+                rec.started.wait(10)
+                if rec.error is not None:
+                    raise rec.error
+            wait_capture_flows(route)
+            tone = Tone(route.host)
+            time.sleep(seconds)
+            tone.stop()
+            tone = None
+            time.sleep(1.0)
+            vm_rec.stop()
+            host_rec.stop()
+            machine = stalls.whole_machine()
+    finally:
+        if tone is not None:
+            tone.stop()
+        vm_rec.stop()
+        host_rec.stop()
+    for rec in (vm_rec, host_rec):
+        if rec.error is not None:
+            raise rec.error
+    return {
+        "seconds": seconds,
+        "vm_app": _gaps_in(vm_rec, vm_rec.reads, stalls),
+        "host_mic": _gaps_in(host_rec, host_rec.stamps, stalls),
+        "guest_mic_after": _guest_mic(route),
+        "machine_stalls": len(machine),
+        "machine_stall_ms_max": round(max((s.duration_s for s in machine), default=0.0) * 1000, 1),
+    }
+
+
 def _minus(later: list[float | None], earlier: list[float | None]) -> list[float | None]:
     return [None if a is None or b is None else a - b for a, b in zip(later, earlier, strict=True)]
 
 
-def measure(method: str, base: Path, label: str, impulses: int, trials: int) -> dict[str, Any]:
+def measure(
+    method: str, base: Path, label: str, impulses: int, trials: int, tone_s: float
+) -> dict[str, Any]:
     load_before = load_average()
     with running(method, base, label) as route:
         row: dict[str, Any] = {
@@ -490,6 +579,7 @@ def measure(method: str, base: Path, label: str, impulses: int, trials: int) -> 
         }
         row["time_to_first_audio"] = first_audio(route, trials) if trials else None
         row.update(latency(route, impulses))
+        row["steady_tone"] = steady_tone(route, tone_s) if tone_s else None
     row["load_avg_before"] = load_before
     row["load_avg_after"] = load_average()
     return row
@@ -506,7 +596,19 @@ def main() -> None:
     parser.add_argument(
         "--first-audio-trials", type=int, default=5, help="0 skips time to first audio"
     )
+    parser.add_argument(
+        "--tone-seconds", type=float, default=60.0, help="0 skips the steady tone's gap count"
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of " + ", ".join(METHODS),
+    )
     args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s): {', '.join(unknown)}")
     signal.signal(signal.SIGTERM, _terminate)
     rows: dict[str, Any] = {}
     out: dict[str, Any] = {
@@ -525,10 +627,11 @@ def main() -> None:
         "rows": rows,
     }
     with tempfile.TemporaryDirectory(prefix="qvaudio-capture-") as tmp:
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(methods):
             rows[method] = measure(
-                method, Path(tmp), f"m{i}", args.impulses, args.first_audio_trials
-            )
+                method, Path(tmp), f"m{i}", args.impulses, args.first_audio_trials,
+                args.tone_seconds,
+            )  # fmt: skip
     out["load_avg_end"] = load_average()
     print(json.dumps(out, indent=2))
 
