@@ -1,0 +1,158 @@
+"""A/V sync as a video player in the VM would get it: does a click land on the host when
+the player's own latency query says it will? (issue 14)
+
+    .venv/bin/python -m bench.avsync_bench [--impulses 100] [--methods qvaudio,...]
+
+For each method (bench/pipeline.py's: qvaudio with both agents, `parec |
+pacat`, module-tunnel-sink), a fresh VM/host pair of private PulseAudio
+daemons. A player in the VM, an ordinary client (`PcmStream`, 40 ms
+buffer) playing into the VM's default sink, does what a video player does
+to place its frames: after every write it asks its stream's latency
+(`PcmStream.latency_us`, libpulse's timing info: what `pa_stream_get_latency`
+reports) and so predicts when the frame it just wrote will be heard:
+write time + latency - (frames written after that frame) / rate. It plays
+5 ms 1 kHz clicks 250-350 ms apart (latency_bench's schedule). The host
+sink's monitor (the "speaker") is recorded with capture stamps.
+
+Per click: host onset minus the player's prediction (predictions smoothed
+over the surrounding 2 s of writes, as latency_bench smooths write
+times). Zero means a player would be in sync; qvaudio's error is the part of
+the path its virtual sink does not report (docs/architecture.md,
+"Latency: where it is measured, and where it is reported"). Every click is
+counted. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from bench.latency_bench import SETTLE_S, impulse_train, onset_times, schedule, stats_ms
+from bench.pipeline import FMT, Recorder, load_average, machine, running
+from qvaudio.pulse.pcm import PcmStream
+from qvaudio.pulse.private import PrivatePulse
+
+METHODS = ("qvaudio", "parec_pacat", "tunnel_sink")
+#: Predictions this far either side of a click are smoothed into its own.
+SMOOTH_S = 1.0
+
+
+def stamping_player(
+    server: PrivatePulse, starts: list[int]
+) -> tuple[threading.Thread, list[tuple[float, int, float]]]:
+    """Plays the clicks; after each write, (time, frames written, the stream's latency in s)."""
+    marks: list[tuple[float, int, float]] = []
+
+    def run() -> None:
+        frames = 0
+        with PcmStream.playback(
+            server.server, None, FMT, "bench-video-player", "movie", FMT.bytes_for_ms(40)
+        ) as stream:
+            for chunk in impulse_train(starts):
+                stream.write(chunk)
+                frames += len(chunk) // FMT.frame_size
+                marks.append((time.monotonic(), frames, stream.latency_us() / 1e6))
+            stream.drain()
+
+    thread = threading.Thread(target=run, name="video-player", daemon=True)
+    thread.start()
+    return thread, marks
+
+
+def predictions(starts: list[int], marks: list[tuple[float, int, float]]) -> list[float]:
+    """When the player expects each click to be heard."""
+    t = np.asarray([m[0] for m in marks])
+    frames = np.asarray([m[1] for m in marks], dtype=float)
+    latency = np.asarray([m[2] for m in marks])
+    # When frame 0 would be heard, according to each write.
+    origin = t + latency - frames / FMT.rate
+    out = []
+    for n in starts:
+        at = n / FMT.rate
+        near = np.abs(frames / FMT.rate - at) <= SMOOTH_S
+        out.append(float(np.median(origin[near])) + at)
+    return out
+
+
+def measure(method: str, base: Path, impulses: int) -> dict[str, Any]:
+    starts = schedule(impulses)
+    load_before = load_average()
+    with running(method, base, method) as route:
+        host_rec = Recorder(route.host, route.host_monitor, "host-monitor")
+        host_rec.started.wait(10)
+        if host_rec.error is not None:
+            raise host_rec.error
+        time.sleep(SETTLE_S + 0.5)
+        player, marks = stamping_player(route.vm, starts)
+        player.join(len(starts) * 0.4 + 30)
+        time.sleep(1.0)
+        host_rec.stop()
+        settings = route.settings
+    if host_rec.error is not None:
+        raise host_rec.error
+    predicted = predictions(starts, marks)
+    heard, _ = onset_times(host_rec)
+    errors: list[float | None] = []
+    for p in predicted:
+        # The onset nearest the prediction, if any within 300 ms (clicks are
+        # at least 260 ms apart, and a lost click must not pair with the next).
+        near = [h - p for h in heard if abs(h - p) < 0.3]
+        errors.append(min(near, key=abs) if near else None)
+    reported = [m[2] * 1000 for m in marks]
+    return {
+        "method": method,
+        "settings": settings,
+        "impulses_counted": impulses,
+        "heard_minus_predicted_ms": stats_ms(errors),
+        "abs_error_ms": stats_ms([None if e is None else abs(e) for e in errors]),
+        "unpaired": sum(e is None for e in errors),
+        "player_reported_latency_ms": {
+            "median": round(statistics.median(reported), 1),
+            "min": round(min(reported), 1),
+            "max": round(max(reported), 1),
+        },
+        "per_impulse_heard_minus_predicted_ms": [
+            None if e is None else round(e * 1000, 1) for e in errors
+        ],
+        "load_avg_before": load_before,
+        "load_avg_after": load_average(),
+    }
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    sys.exit(128 + signum)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--impulses", type=int, default=100)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := sorted(set(methods) - set(METHODS)):
+        parser.error(f"unknown method(s): {', '.join(unknown)}")
+    signal.signal(signal.SIGTERM, _terminate)
+    out: dict[str, Any] = {
+        "benchmark": "A/V sync: a VM player's own latency-based prediction vs the host sink",
+        "machine": machine(),
+        "rows": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="qvaudio-avsync-") as tmp:
+        for method in methods:
+            out["rows"][method] = measure(method, Path(tmp), args.impulses)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
