@@ -219,9 +219,9 @@ class MicWriter:
     As little is kept queued as plays without a gap: one chunk when dom0's
     chunks come on time, 5 ms more after each gap heard (a gap as capture
     starts excepted) and 5 ms less after a quiet while (`MIC_RESERVE_*`),
-    because a call needs the microphone early more than it needs it whole. Audio that piled up while
-    the stream ran dry, or a backlog that stays, goes
-    (`qvaudio.core.playout_queue`); the stream's rate follows the host
+    because a call needs the microphone early more than it needs it whole.
+    Audio that piled up while the stream ran dry, or a backlog that stays,
+    goes (`qvaudio.core.playout_queue`); the stream's rate follows the host
     microphone's clock. When nothing comes (dom0 refused, or has not
     answered yet), nothing is written and recording applications read the
     null sink's silence.
