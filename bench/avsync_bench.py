@@ -25,21 +25,16 @@ counted. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from bench.latency_bench import SETTLE_S, impulse_train, onset_times, schedule, stats_ms
-from bench.pipeline import FMT, Recorder, load_average, machine, running
+from bench.pipeline import FMT, Recorder, load_average, run_methods, running
 from qvaudio.pulse.pcm import PcmStream
 from qvaudio.pulse.private import PrivatePulse
 
@@ -130,28 +125,15 @@ def measure(method: str, base: Path, impulses: int) -> dict[str, Any]:
     }
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    sys.exit(128 + signum)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--impulses", type=int, default=100)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    args = parser.parse_args()
-    methods = [m for m in args.methods.split(",") if m]
-    if unknown := sorted(set(methods) - set(METHODS)):
-        parser.error(f"unknown method(s): {', '.join(unknown)}")
-    signal.signal(signal.SIGTERM, _terminate)
-    out: dict[str, Any] = {
-        "benchmark": "A/V sync: a VM player's own latency-based prediction vs the host sink",
-        "machine": machine(),
-        "rows": {},
-    }
-    with tempfile.TemporaryDirectory(prefix="qvaudio-avsync-") as tmp:
-        for method in methods:
-            out["rows"][method] = measure(method, Path(tmp), args.impulses)
-    print(json.dumps(out, indent=2))
+    run_methods(
+        parser,
+        METHODS,
+        "A/V sync: a VM player's own latency-based prediction vs the host sink",
+        lambda method, base, args: measure(method, base, args.impulses),
+    )
 
 
 if __name__ == "__main__":

@@ -9,15 +9,18 @@ benchmark itself; the bench_* scripts import it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,3 +369,29 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
+
+
+def run_methods(
+    parser: argparse.ArgumentParser,
+    known: Sequence[str],
+    description: str,
+    measure: Callable[[str, Path, argparse.Namespace], dict[str, Any]],
+) -> None:
+    """A bench's main: `--methods` (a comma-separated subset of `known`), then
+    `measure(method, folder, args)` for each in a shared temporary folder, printed
+    as one JSON object. SIGTERM ends the run through the `finally` blocks, so every
+    daemon and agent a measurement started is stopped."""
+    parser.add_argument(
+        "--methods", default=",".join(known), help="a subset of " + ", ".join(known)
+    )
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := sorted(set(methods) - set(known)):
+        parser.error(f"unknown method(s): {', '.join(unknown)}")
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    out: dict[str, Any] = {"benchmark": description, "machine": machine(), "rows": {}}
+    with tempfile.TemporaryDirectory(prefix="qvaudio-bench-") as tmp:
+        for method in methods:
+            out["rows"][method] = measure(method, Path(tmp), args)
+    out["load_avg_end"] = load_average()
+    print(json.dumps(out, indent=2))

@@ -32,17 +32,12 @@ stalls are measured in the same run. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -63,9 +58,9 @@ from bench.pipeline import (
     Recorder,
     Route,
     load_average,
-    machine,
     pactl,
     play,
+    run_methods,
     wait_for,
 )
 from qvaudio.pulse.private import SINK, PrivatePulse
@@ -227,29 +222,15 @@ def measure(method: str, base: Path, minutes: float) -> dict[str, Any]:
     }
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    sys.exit(128 + signum)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--methods", default=",".join(METHODS))
-    args = parser.parse_args()
-    methods = [m for m in args.methods.split(",") if m]
-    if unknown := sorted(set(methods) - set(METHODS)):
-        parser.error(f"unknown method(s): {', '.join(unknown)}")
-    signal.signal(signal.SIGTERM, _terminate)
-    out: dict[str, Any] = {
-        "benchmark": "round trip VM sink -> host sink -> host microphone -> VM recorder",
-        "machine": machine(),
-        "minutes": args.minutes,
-        "rows": {},
-    }
-    with tempfile.TemporaryDirectory(prefix="qvaudio-roundtrip-") as tmp:
-        for method in methods:
-            out["rows"][method] = measure(method, Path(tmp), args.minutes)
-    print(json.dumps(out, indent=2))
+    run_methods(
+        parser,
+        METHODS,
+        "round trip VM sink -> host sink -> host microphone -> VM recorder",
+        lambda method, base, args: measure(method, base, args.minutes),
+    )
 
 
 if __name__ == "__main__":
