@@ -14,6 +14,12 @@ so memory stays bounded and a gap across two blocks counts once. The VM
 sink's monitor is analysed the same way as a control: a gap there is the
 player's or the VM server's, not the method's.
 
+Every host gap is placed on `time.monotonic()` (the recorder stamps each
+chunk with when its last sample was captured) and judged against the
+whole-machine stalls measured in the same run (tests/stalls.py): a gap is
+the machine's only when a stall was measured just before it and the gap is
+no longer than that stall plus STALL_SLACK_S. The rest are the method's.
+
 `--self-check` cuts 20 ms of silence into the played tone once, 5 s in, and
 every method must then report it (in the VM and on the host).
 Prints one JSON object.
@@ -22,7 +28,9 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
+import math
 import multiprocessing
 import os
 import tempfile
@@ -45,6 +53,7 @@ from bench.pipeline import (
     running,
 )
 from qvaudio.core.tone import decode_mono, find_offset, gaps, generate_sine
+from tests.stalls import StallMonitor
 
 TONE_HZ = 1000.0
 MIN_GAP_MS = 1.0
@@ -56,6 +65,8 @@ STARTUP_S = 2.0
 LISTED = 50
 #: Gaps of two methods this close together are one event on the machine.
 SHARED_WINDOW_S = 0.3
+#: A gap this much longer than the machine stall before it is not the stall's doing.
+STALL_SLACK_S = 0.06
 
 
 class GapCounter:
@@ -64,6 +75,10 @@ class GapCounter:
     def __init__(self, name: str) -> None:
         self.name = name
         self.found: list[tuple[float, float]] = []  # (start s, duration ms) from the first sound
+        self.found_at: list[float | None] = []  # each gap's start, time.monotonic()
+        # (sample index just past a chunk, when that chunk's last sample was captured)
+        self._chunk_ends: list[tuple[int, float]] = []
+        self._received = 0
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._carry: list[float] = []
@@ -72,8 +87,10 @@ class GapCounter:
         self._lock = threading.Lock()
         self.samples = 0
 
-    def feed(self, pcm: bytes, _stamp: float) -> None:
+    def feed(self, pcm: bytes, stamp: float) -> None:
         with self._lock:
+            self._received += len(pcm) // FMT.frame_size
+            self._chunk_ends.append((self._received, stamp))
             self._pending.append(pcm)
             self._pending_bytes += len(pcm)
             if self._pending_bytes >= FMT.bytes_for_ms(int(BLOCK_S * 1000)):
@@ -112,6 +129,15 @@ class GapCounter:
     def _record(self, start: int, length: int) -> None:
         first = self._first_sound or 0
         self.found.append(((start - first) / FMT.rate, length / FMT.rate * 1000))
+        self.found_at.append(self._captured_at(start))
+
+    def _captured_at(self, sample: int) -> float | None:
+        """When sample number `sample` was captured, from its chunk's stamp."""
+        i = bisect.bisect_right(self._chunk_ends, (sample, math.inf))
+        if i >= len(self._chunk_ends):
+            return None
+        end, stamp = self._chunk_ends[i]
+        return stamp - (end - sample) / FMT.rate
 
     def summary(self) -> dict[str, Any]:
         steady = [g for g in self.found if g[0] >= STARTUP_S]
@@ -125,6 +151,11 @@ class GapCounter:
                 :LISTED
             ],
             "gap_times_s": [round(t, 3) for t, _ in steady],
+            "steady_gaps": [
+                {"ms": round(d, 1), "monotonic": at}
+                for (t, d), at in zip(self.found, self.found_at, strict=True)
+                if t >= STARTUP_S
+            ],
         }
 
 
@@ -213,6 +244,31 @@ def _mark_shared_gaps(rows: dict[str, Any]) -> None:
         )
 
 
+def _attribute(row: dict[str, Any], stalls: StallMonitor) -> None:
+    """Split a row's host gaps into the machine's (a whole-machine stall
+    measured just before, and the gap no longer than it allows) and the
+    method's own."""
+    host = row.get("host")
+    if not host:
+        return
+    own: list[dict[str, Any]] = []
+    machine_count = 0
+    for gap in host.pop("steady_gaps", []):
+        at = gap["monotonic"]
+        stall = None if at is None else stalls.blame(at)
+        if stall is not None and gap["ms"] / 1000 <= stall.duration_s + STALL_SLACK_S:
+            machine_count += 1
+        else:
+            cpu = None if at is None else stalls.one_cpu(at)
+            own.append({
+                "ms": gap["ms"],
+                "one_cpu_stall_ms": None if cpu is None else round(cpu.duration_s * 1000, 1),
+            })  # fmt: skip
+    host["gaps_with_machine_stall"] = machine_count
+    host["gaps_without_machine_stall"] = len(own)
+    host["gaps_without_machine_stall_list"] = own[:LISTED]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -277,6 +333,7 @@ def main() -> None:
         time.sleep(2.0)
         drops_before = [_drops(r) for r in routes]
         out["load_avg_at_start"] = load_average()
+        stalls = stack.enter_context(StallMonitor())
         players = [ctx.Process(target=_player, args=(r, seconds, cut), daemon=True) for r in routes]
         for player in players:
             player.start()
@@ -296,7 +353,11 @@ def main() -> None:
             child.join(10)
             if before is not None:
                 row["dom0_status_before"], row["dom0_status_after"] = before, after
+            _attribute(row, stalls)
             rows[label] = row
+        machine_stalls = stalls.whole_machine()
+        out["machine_stalls"] = len(machine_stalls)
+        out["machine_stall_ms"] = [round(x.duration_s * 1000, 1) for x in machine_stalls][:LISTED]
     out["load_avg_1min_samples"] = loads
     out["load_avg_end"] = load_average()
     _mark_shared_gaps(rows)
