@@ -431,6 +431,7 @@ def test_identity_comes_from_the_shell_only() -> None:
         "volume_max": 100,
         "host_refused": None,
         "jitter_buffer_ms": 10,
+        "jitter_decay_s": 30.0,
         "corked": False,
         "latency_us": 0,
     }

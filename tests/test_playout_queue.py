@@ -10,7 +10,7 @@ that consumes at the rate the queue asks for and reports when it runs dry.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -58,6 +58,35 @@ def test_reserve_grows_a_step_per_stall_and_decays_when_quiet() -> None:
     for i in range(10):
         r.gap(2000.0 + i)
     assert r.ms == 60, "capped"
+
+
+def test_a_gap_soon_after_a_step_down_makes_the_next_step_down_wait_longer() -> None:
+    r = JitterReserve(replace(LIMITS, max_decay_s=120.0), now=0.0)
+    assert r.gap(10.0) and r.ms == 20
+    assert r.tick(40.5) and r.ms == 10 and r.decay_s == 30.0
+    # 18 s after the step down, less than the 30 s quiet that allowed it.
+    assert r.gap(58.5) and r.ms == 20 and r.decay_s == 60.0
+    assert not r.tick(89.0), "the old wait is no longer enough"
+    assert r.tick(119.0) and r.ms == 10
+    assert r.gap(170.0) and r.decay_s == 120.0
+    assert r.gap(200.0) and r.ms == 30 and r.decay_s == 120.0, "a gap at the higher reserve"
+    assert r.tick(320.5) and r.ms == 20
+    assert r.tick(441.0) and r.ms == 10
+    assert r.gap(500.0) and r.decay_s == 120.0, "never past max_decay_s"
+    # Quiet at the start reserve for a whole wait: the wait halves, back to decay_s.
+    assert r.tick(620.5) and r.ms == 10
+    assert not r.tick(741.0) and r.decay_s == 60.0
+    assert not r.tick(801.5) and r.decay_s == 30.0
+    assert not r.tick(10_000.0) and r.decay_s == 30.0 and r.ms == 10
+
+
+def test_a_gap_long_after_a_step_down_leaves_the_wait_alone() -> None:
+    r = JitterReserve(replace(LIMITS, max_decay_s=480.0), now=0.0)
+    assert r.gap(1.0) and r.tick(31.5) and r.ms == 10
+    assert r.gap(62.0) and r.decay_s == 30.0
+    no_backoff = JitterReserve(LIMITS, now=0.0)
+    assert no_backoff.gap(1.0) and no_backoff.tick(31.5)
+    assert no_backoff.gap(35.0) and no_backoff.decay_s == 30.0, "max_decay_s unset: fixed wait"
 
 
 def test_reserve_limits_that_make_no_sense_are_refused() -> None:

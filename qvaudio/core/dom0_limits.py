@@ -42,11 +42,13 @@ class Limits:
     #: It starts at `jitter_start_ms`, grows by `jitter_step_ms` with every
     #: underrun up to `jitter_max_ms`, and shrinks by a step after each
     #: `jitter_decay_s` without one: a quiet machine keeps its low latency,
-    #: a busy one trades some latency for no crackle.
+    #: a busy one trades some latency for no crackle. A gap soon after a step
+    #: down doubles that wait, up to `jitter_max_decay_s` (JitterReserve).
     jitter_start_ms: int = 10
     jitter_step_ms: int = 10
     jitter_max_ms: int = 100
     jitter_decay_s: float = 30.0
+    jitter_max_decay_s: float = 480.0
     #: Underruns this close together are one stall, and grow the reserve once.
     jitter_same_stall_s: float = 0.25
     #: A backlog this far above the jitter target, kept for `trim_after_s`,

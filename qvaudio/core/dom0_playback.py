@@ -55,6 +55,7 @@ class PlaybackSide(VmSessionBase):
                 max_ms=limits.jitter_max_ms,
                 decay_s=limits.jitter_decay_s,
                 same_stall_s=limits.jitter_same_stall_s,
+                max_decay_s=limits.jitter_max_decay_s,
             ),
             now,
         )
@@ -70,6 +71,11 @@ class PlaybackSide(VmSessionBase):
     @jitter_ms.setter
     def jitter_ms(self, ms: int) -> None:
         self._reserve.ms = ms
+
+    @property
+    def jitter_decay_s(self) -> float:
+        """The quiet wait before the reserve shrinks (longer after early gaps)."""
+        return self._reserve.decay_s
 
     @property
     def gain(self) -> float:

@@ -285,6 +285,8 @@ class VmSession(PlaybackSide, CaptureSide):
                 # Set while playback waits out a refusal by the host server.
                 "host_refused": self._host_refused_reason if self._host_retry_at else None,
                 "jitter_buffer_ms": self.jitter_ms,
+                # How long the reserve must go without a gap before it shrinks.
+                "jitter_decay_s": self.jitter_decay_s,
                 "corked": self.conn.corked,
                 "latency_us": self._host.playback_latency_us,
             },

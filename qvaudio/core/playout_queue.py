@@ -43,31 +43,56 @@ class ReserveLimits:
     #: Gaps closer together than this are one stall seen twice (a late
     #: arrival, then the stream running dry a moment later): one step.
     same_stall_s: float
+    #: The longest the quiet wait before a step down may grow to (see
+    #: `JitterReserve`); equal to `decay_s`, the wait never grows.
+    max_decay_s: float = 0.0
 
 
 class JitterReserve:
-    """How much audio to keep queued against late arrivals, in ms."""
+    """How much audio to keep queued against late arrivals, in ms.
+
+    A step down that a gap follows sooner than the wait that allowed it was
+    too early: what the machine does every minute or so (a periodic job, a
+    host block that falls unluckily) is not a one-off stall. Then the wait
+    before the next step down doubles, up to `max_decay_s`, so a machine
+    that keeps needing the larger reserve keeps it, and its latency holds
+    still instead of stepping down and back up with a gap each time (what an
+    echo canceller hears as a moving delay). A full wait at the starting
+    reserve without a gap halves the wait again.
+    """
 
     def __init__(self, limits: ReserveLimits, now: float) -> None:
         if not 0 <= limits.start_ms <= limits.max_ms or limits.step_ms <= 0:
             raise ValueError(f"reserve limits do not make sense: {limits}")
         self.limits = limits
         self.ms = limits.start_ms
+        #: The quiet wait before the next step down, now.
+        self.decay_s = limits.decay_s
+        self._longest_decay_s = max(limits.decay_s, limits.max_decay_s)
         self._changed = now
         self._grown = -math.inf
+        self._shrunk = -math.inf
 
     def gap(self, now: float) -> bool:
         """A gap was heard (or audio came too late): one step more; True if it grew."""
         if now - self._grown < self.limits.same_stall_s:
             return False
         self._grown = now
+        if now - self._shrunk < self.decay_s:
+            self.decay_s = min(self.decay_s * 2, self._longest_decay_s)
         return self._step(now, +self.limits.step_ms)
 
     def tick(self, now: float) -> bool:
         """Time passed: after `decay_s` without a gap, one step less; True if it shrank."""
         limits = self.limits
-        if self.ms > limits.start_ms and now - self._changed > limits.decay_s:
+        if now - self._changed <= self.decay_s:
+            return False
+        if self.ms > limits.start_ms:
+            self._shrunk = now
             return self._step(now, -limits.step_ms)
+        if self.decay_s > limits.decay_s:
+            self.decay_s = max(self.decay_s / 2, limits.decay_s)
+            self._changed = now
         return False
 
     def _step(self, now: float, step_ms: int) -> bool:

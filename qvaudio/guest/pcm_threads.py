@@ -37,8 +37,10 @@ PAUSED_AFTER_S: Final = 0.1
 #: never less than the chunk dom0 sends, whatever its size: a chunk comes whole).
 MIC_RESERVE_STEP_MS: Final = 5
 MIC_RESERVE_MAX_MS: Final = 40
-#: A step of reserve goes after this long without a gap.
+#: A step of reserve goes after this long without a gap; a gap soon after
+#: a step down doubles the wait, up to MIC_RESERVE_MAX_DECAY_S.
 MIC_RESERVE_DECAY_S: Final = 30.0
+MIC_RESERVE_MAX_DECAY_S: Final = 480.0
 #: Gaps this close together are one stall: one more step, not two.
 MIC_SAME_STALL_S: Final = 0.25
 #: The virtual microphone stream's buffer in the VM's audio server.
@@ -249,6 +251,7 @@ class MicWriter:
                 max_ms=MIC_RESERVE_MAX_MS,
                 decay_s=MIC_RESERVE_DECAY_S,
                 same_stall_s=MIC_SAME_STALL_S,
+                max_decay_s=MIC_RESERVE_MAX_DECAY_S,
             ),
             now,
         )
