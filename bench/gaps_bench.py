@@ -262,6 +262,7 @@ def _attribute(row: dict[str, Any], stalls: StallMonitor) -> None:
             cpu = None if at is None else stalls.one_cpu(at)
             own.append({
                 "ms": gap["ms"],
+                "monotonic": None if at is None else round(at, 3),
                 "one_cpu_stall_ms": None if cpu is None else round(cpu.duration_s * 1000, 1),
             })  # fmt: skip
     host["gaps_with_machine_stall"] = machine_count
