@@ -74,6 +74,8 @@ TIMING_REFRESH_S: Final = 0.05
 #: Extrapolating a stream's timing further than this would be guessing.
 TIMING_TRUST_S: Final = 2.0
 #: PA_ERR_* codes the module raises itself.
+#: The longest a stream's wait goes without looking again, had a wake-up been lost.
+WAKE_CHECK_S: Final = 1.0
 ERR_CONNECTIONTERMINATED: Final = 11
 ERR_TIMEOUT: Final = 8
 ERR_BADSTATE: Final = 15
@@ -176,7 +178,7 @@ def _on_context_state(_context: Any, userdata: Any) -> None:
 @_ffi.callback("void(pa_stream *, void *)", onerror=_callback_failed)
 def _on_stream_signal(_stream: Any, userdata: Any) -> None:
     stream: PcmStream = _ffi.from_handle(userdata)
-    _load().pa_threaded_mainloop_signal(stream._engine._mainloop, 0)
+    stream._wakeup.set()
 
 
 @_ffi.callback("void(pa_stream *, void *)", onerror=_callback_failed)
@@ -189,13 +191,14 @@ def _on_stream_state(pa_stream: Any, userdata: Any) -> None:
         context = lib.pa_stream_get_context(pa_stream)
         if context != _ffi.NULL:
             stream._failure = int(lib.pa_context_errno(context))
+    stream._wakeup.set()
     lib.pa_threaded_mainloop_signal(stream._engine._mainloop, 0)
 
 
 @_ffi.callback("void(pa_stream *, size_t, void *)", onerror=_callback_failed)
 def _on_stream_request(_stream: Any, _nbytes: int, userdata: Any) -> None:
     stream: PcmStream = _ffi.from_handle(userdata)
-    _load().pa_threaded_mainloop_signal(stream._engine._mainloop, 0)
+    stream._wakeup.set()
 
 
 @_ffi.callback("void(pa_stream *, void *)", onerror=_callback_failed)
@@ -203,6 +206,7 @@ def _on_underflow(_stream: Any, userdata: Any) -> None:
     stream: PcmStream = _ffi.from_handle(userdata)
     stream.last_underflow_at = time.monotonic()
     stream.underflows += 1
+    stream._wakeup.set()
     _load().pa_threaded_mainloop_signal(stream._engine._mainloop, 0)
 
 
@@ -441,6 +445,8 @@ class PcmStream(Closing):
         self._closed = False
         self._busy = 0
         self._idle = threading.Condition()
+        #: Set by this stream's callbacks (and `close`): what `_wait_for` waits on.
+        self._wakeup = threading.Event()
         #: The server's events, counted by libpulse's thread.
         self.underflows = 0
         self.last_underflow_at = 0.0
@@ -675,17 +681,30 @@ class PcmStream(Closing):
     _read_offset = 0
 
     def _wait_for(self, set_callback: Any, callback: Any) -> None:
-        """Wait (lock held) until the event `set_callback` reports, or any other signal.
+        """Wait (lock held) until the event `set_callback` reports, the
+        stream's state changes, or `close`; the caller checks which.
 
         The callback is set only while someone waits: each call from
         libpulse's thread takes the interpreter lock, and a stream's requests
         come every few milliseconds (more when the server resamples it) while
         its writer seldom has to wait. No event is missed: nothing reaches
-        libpulse's thread while this thread holds the lock, until the wait."""
+        libpulse's thread while this thread holds the lock, so the event is
+        cleared and the callback set before any can come.
+
+        Not the main loop's own wait: its signal wakes every thread waiting
+        on any stream of the engine, so with N VMs each server request woke
+        N writers, which all queued for the main loop's lock (16 VMs took
+        90 % of a core and dropped audio)."""
         stream = self._stream
+        self._wakeup.clear()
         set_callback(stream, callback, self._handle)
         try:
-            self._engine.wait()
+            self._engine.unlock()
+            try:
+                # The timeout is a safety net only: the caller looks again.
+                self._wakeup.wait(WAKE_CHECK_S)
+            finally:
+                self._engine.lock()
         finally:
             if self._stream is not None:
                 set_callback(self._stream, _ffi.NULL, _ffi.NULL)
@@ -880,6 +899,8 @@ class PcmStream(Closing):
                 return
             self._closed = True
         self._engine.lock()
+        # Under the lock: after any waiter's clear (which it does holding it).
+        self._wakeup.set()
         self._engine.signal()
         self._engine.unlock()
         with self._idle:
