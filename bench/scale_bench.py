@@ -52,6 +52,7 @@ from qvaudio.core.tone import generate_sine
 from qvaudio.dom0.control import ControlError, request
 from qvaudio.pulse.private import PrivatePulse
 from tests.fake_guest import FakeGuest
+from tests.waiting import WaitTimeout
 
 SETTLE_S = 3.0
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -154,7 +155,11 @@ def run_qvaudio(base: Path, steps: list[int], seconds: float) -> dict[str, Any]:
                 if not guest.connected.wait(10):
                     raise RuntimeError(f"dom0 did not connect to {guest.path.name}")
                 guest.offer(FMT)
-                guest.wait_for(lambda e: isinstance(e, FormatAccept), timeout=10)
+                try:
+                    guest.wait_for(lambda e: isinstance(e, FormatAccept), timeout=10)
+                except WaitTimeout as exc:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{exc}\n--- dom0 log ---\n{tail}") from exc
                 pacer.add(partial(_send_period, guest, frames))
             time.sleep(SETTLE_S)
             rows.append(_step(n, pids, seconds, control))

@@ -388,6 +388,20 @@ def test_the_rate_stops_at_max_ppm_and_the_shell_trims_the_rest() -> None:
     link.check_rate_changes()
 
 
+def test_a_drift_learned_at_the_limit_seeds_the_next_stream() -> None:
+    # Found by scale_bench: a source 1500 ppm slow drove the learned drift to
+    # its -1000 ppm limit, which came out as -1000.0000000000001, and every
+    # later stream on that server failed to start (dom0 cut the VMs off).
+    matcher = RateMatcher(NOMINAL)
+    queue_s = 0.030
+    for i in range(1, 60_001):
+        queue_s -= 1500e-6 * 0.01
+        matcher.update(i * 0.01, queue_s, 0.030)
+    assert matcher.drift_ppm == -matcher.max_ppm
+    seeded = RateMatcher(NOMINAL, drift_ppm=matcher.drift_ppm)
+    assert seeded.rate == NOMINAL - 48
+
+
 def test_a_drift_learned_before_is_asked_for_from_the_start() -> None:
     # A new stream to the same host sound card: its clock ratio to the VMs'
     # is what the last stream learned. Even beyond the ±300 ppm the matcher

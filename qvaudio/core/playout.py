@@ -169,8 +169,11 @@ class RateMatcher:
 
     @property
     def drift_ppm(self) -> float:
-        """The learned clocks' ratio, in ppm: positive when the VM's clock runs faster."""
-        return self._drift / PPM
+        """The learned clocks' ratio, in ppm: positive when the VM's clock runs faster.
+
+        Within ±`max_ppm` exactly: at the limit, `x * 1e-6 / 1e-6` can come
+        out a hair past it, and a new matcher seeded with it would refuse it."""
+        return min(self.max_ppm, max(-self.max_ppm, self._drift / PPM))
 
     def update(self, now: float, queue_s: float, target_s: float | None = None) -> int | None:
         """Take one measurement; the new rate to ask for, or None to keep `rate`.
