@@ -73,9 +73,9 @@ OPEN_TIMEOUT_S: Final = 10.0
 TIMING_REFRESH_S: Final = 0.05
 #: Extrapolating a stream's timing further than this would be guessing.
 TIMING_TRUST_S: Final = 2.0
-#: PA_ERR_* codes the module raises itself.
 #: The longest a stream's wait goes without looking again, had a wake-up been lost.
 WAKE_CHECK_S: Final = 1.0
+#: PA_ERR_* codes the module raises itself.
 ERR_CONNECTIONTERMINATED: Final = 11
 ERR_TIMEOUT: Final = 8
 ERR_BADSTATE: Final = 15
