@@ -110,12 +110,14 @@ class GapCounter:
         if last is None:
             if self._first_sound is None:  # nothing played yet: nothing to keep
                 self._carry, self._carry_start = [], start + len(samples)
+                self._forget_stamps_before(self._carry_start)
                 return
             self._carry = samples
             if len(samples) > MAX_CARRY_S * FMT.rate:
                 # An outage this long is counted now, and its samples let go.
                 self._record(start, len(samples))
                 self._carry, self._carry_start = [], start + len(samples)
+                self._forget_stamps_before(self._carry_start)
             return
         if self._first_sound is None:
             first = next(i for i, x in enumerate(samples) if abs(x) > 0.01)
@@ -125,6 +127,11 @@ class GapCounter:
         # Keep from the last sound on: a silent run reaching past this block's
         # end is measured whole next time, and nothing before it is seen twice.
         self._carry, self._carry_start = samples[last:], start + last
+        self._forget_stamps_before(self._carry_start)
+
+    def _forget_stamps_before(self, sample: int) -> None:
+        """Gaps are only found from `sample` on: older chunks' stamps may go."""
+        del self._chunk_ends[: bisect.bisect_right(self._chunk_ends, (sample, math.inf))]
 
     def _record(self, start: int, length: int) -> None:
         first = self._first_sound or 0
