@@ -59,6 +59,8 @@ class Dom0Peer:
         self.playback_format: AudioFormat | None = None
         self.capture_format: AudioFormat | None = None
         self.received_frames = 0
+        #: What each POSITION says dom0's queue and host stream hold; a test may change it.
+        self.playback_latency_us = 20_000
         self.closed = threading.Event()
         self.on_pcm: Callable[[float, bytes], None] | None = None
         self._send_lock = threading.Lock()
@@ -166,7 +168,7 @@ class Dom0Peer:
             try:
                 with self.lock:
                     frames = self.received_frames
-                self._send(Position(frames, frames, 20_000, 0))
+                self._send(Position(frames, frames, self.playback_latency_us, 0))
             except OSError:
                 return
 

@@ -98,6 +98,7 @@ class Bounds:
 GUEST_BOUNDS: Final[Mapping[str, Bounds]] = {
     "period_ms": Bounds(2, 100),
     "idle_timeout_s": Bounds(0.1, 3600, whole=False),
+    "latency_round_ms": Bounds(0, 100),
 }
 DOM0_BOUNDS: Final[Mapping[str, Bounds]] = {
     "xen_port": Bounds(1, 65535),
@@ -145,6 +146,13 @@ class GuestSettings:
     source_description: str = "qvaudio: dom0 microphone"
     #: PulseAudio server to use; empty for the session's default.
     pulse_server: str = ""
+    #: On PipeWire, make the virtual output a node of the agent's own that
+    #: tells applications the latency of the whole path to dom0's speakers.
+    report_latency: bool = True
+    #: Round that latency to this many milliseconds (0: to the millisecond).
+    latency_round_ms: int = 0
+    #: PipeWire socket for that node (a name or a path); empty for the session's default.
+    pipewire_remote: str = ""
 
     def __post_init__(self) -> None:
         _check_bounds(self, GUEST_BOUNDS)
@@ -322,6 +330,8 @@ _GUEST_FIELDS: dict[str, Callable[[yaml.Node], Any]] = {
     "source_name": _device_name,
     "source_description": _string,
     "pulse_server": _string,
+    "report_latency": _bool,
+    "pipewire_remote": _string,
 }
 _DOM0_FIELDS: dict[str, Callable[[yaml.Node], Any]] = {
     "transports": _ListOf(_dom0_transport),

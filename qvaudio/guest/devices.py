@@ -13,6 +13,12 @@ through `post`, never by touching the loop's state. On PulseAudio it also
 keeps the virtual output suspended while no application plays into it (see
 `qvaudio.core.guest_session.IdleMethod`): it is the first to hear that a stream
 appeared, so resuming there adds no hop through the main loop.
+
+On PipeWire the virtual output is a node the agent owns
+(`qvaudio.pulse.pipewire_node.SinkNode`) rather than a null sink, so that
+applications' latency queries include the path behind it
+(`GuestDevices.publish_latency`); if PipeWire cannot be reached that way, a
+null sink as on PulseAudio, and a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from qvaudio.core.formats import AudioFormat
 from qvaudio.core.guest_idle import IdleMethod, idle_method, sink_suspension
 from qvaudio.pulse import devices as pulse_devices
 from qvaudio.pulse.devices import Pulse
+from qvaudio.pulse.pipewire_node import PipeWireError, SinkNode
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ STOP_TIMEOUT_S: Final = 3.0
 DEFAULTS_GRACE_S: Final = 5.0
 #: How often, inside that window, the defaults are checked without an event.
 DEFAULTS_CHECK_S: Final = 0.5
+#: How long the node, once PipeWire has it, may take to show in pipewire-pulse.
+NODE_VISIBLE_S: Final = 5.0
 _EVENT_FACILITIES: Final = ("sink_input", "source_output", "sink", "source", "server")
 
 
@@ -61,6 +70,10 @@ class DeviceSpec:
     source_description: str
     sink_format: AudioFormat
     source_format: AudioFormat
+    #: On PipeWire, a node of our own that reports the latency behind it.
+    report_latency: bool = False
+    #: Its PipeWire socket; None for libpipewire's default.
+    pipewire_remote: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +113,12 @@ class GuestDevices:
         self.state_file = state_file or runtime_path("guest-defaults.json")
         self.previous_sink: str | None = None
         self.previous_source: str | None = None
+        # The watcher's thread makes and replaces the node; the main loop
+        # publishes latencies on it.
+        self._node_lock = threading.Lock()
+        self._node: SinkNode | None = None
+        self._latency_ns = 0
+        self._node_failure_logged = False
 
     @property
     def names(self) -> tuple[str, str]:
@@ -108,17 +127,92 @@ class GuestDevices:
     def setup(self, pulse: Pulse) -> None:
         """Create (or adopt) both devices and make them the defaults."""
         spec = self.spec
-        pulse_devices.ensure_null_sink(
-            pulse, spec.sink_name, spec.sink_description, spec.sink_format
-        )
+        if not self._ensure_node(pulse):
+            # PulseAudio: a latency offset would be set on the sink's active
+            # port, and a null sink has none; the path stays unreported there.
+            pulse_devices.ensure_null_sink(
+                pulse, spec.sink_name, spec.sink_description, spec.sink_format
+            )
         pulse_devices.ensure_virtual_source(
             pulse, spec.source_name, spec.source_description, spec.source_format
         )
-        # A latency offset would be set on the sink's active port; a null sink
-        # has no ports, so the configured period is the only knob there is.
         self._remember_defaults(pulse)
         pulse_devices.set_default_sink(pulse, spec.sink_name)
         pulse_devices.set_default_source(pulse, spec.source_name)
+
+    @property
+    def reports_latency(self) -> bool:
+        """The virtual output tells applications the path behind it (a live node)."""
+        node = self._node
+        return node is not None and node.alive
+
+    def _ensure_node(self, pulse: Pulse) -> bool:
+        """On PipeWire, make the virtual output our node (again, if the last one died).
+
+        False: a null sink it is (PulseAudio, not wanted, or PipeWire would not take it)."""
+        spec = self.spec
+        if not spec.report_latency:
+            return False
+        if idle_method(str(pulse.server_info().server_name)) is not IdleMethod.PASSIVE_MONITOR:
+            return False
+        if self.reports_latency and _find_sink(pulse, spec.sink_name):
+            return True
+        # A null sink of ours left from a run that could not make the node.
+        pulse_devices.remove_owned_modules(pulse, [spec.sink_name])
+        try:
+            node = SinkNode.open(
+                spec.sink_name, spec.sink_description, spec.sink_format,
+                remote=spec.pipewire_remote,
+            )  # fmt: skip
+        except PipeWireError as exc:
+            self._node_failed(f"PipeWire would not take it: {exc}")
+            return False
+        if not _wait_for_sink(pulse, spec.sink_name, NODE_VISIBLE_S):
+            # Another PipeWire than the one behind this pulse server (a
+            # session default that is not ours): not our virtual output.
+            node.close()
+            self._node_failed(f"the node did not appear in the audio server within "
+                              f"{NODE_VISIBLE_S:.0f} s (another PipeWire?)")  # fmt: skip
+            return False
+        with self._node_lock:
+            old, self._node = self._node, node
+            latency_ns = self._latency_ns
+        if old is not None:
+            old.close()
+        if latency_ns:
+            self._set_node_latency(node, latency_ns)
+        log.info("virtual output %s is a PipeWire node reporting the latency behind it",
+                 spec.sink_name)  # fmt: skip
+        self._node_failure_logged = False
+        return True
+
+    def _node_failed(self, reason: str) -> None:
+        if not self._node_failure_logged:
+            log.warning("virtual output as a null sink, applications will not be told the "
+                        "latency behind it: %s", reason)  # fmt: skip
+            self._node_failure_logged = True
+
+    def publish_latency(self, latency_ns: int) -> None:
+        """Tell applications that what they play is heard `latency_ns` after it leaves the
+        virtual output (kept for a node made later). Any thread."""
+        with self._node_lock:
+            self._latency_ns = latency_ns
+            node = self._node
+        if node is not None and node.alive:
+            self._set_node_latency(node, latency_ns)
+
+    def _set_node_latency(self, node: SinkNode, latency_ns: int) -> None:
+        try:
+            node.set_latency_ns(latency_ns)
+        except PipeWireError as exc:
+            log.debug("could not publish the latency: %s", exc)
+
+    def close_node(self) -> None:
+        """Take the virtual output's node out of PipeWire (idempotent)."""
+        with self._node_lock:
+            node, self._node = self._node, None
+        if node is not None:
+            node.close()
 
     def _remember_defaults(self, pulse: Pulse) -> None:
         sink = pulse_devices.get_default_sink(pulse)
@@ -161,6 +255,7 @@ class GuestDevices:
                 log.info("default %s restored to %s", kind, previous)
         removed = pulse_devices.remove_owned_modules(pulse, self.names)
         log.info("removed %d module(s) of the virtual devices", removed)
+        self.close_node()
         self.state_file.unlink(missing_ok=True)
 
     def present(self, pulse: Pulse) -> bool:
@@ -321,6 +416,19 @@ class AudioServerWatcher:
             if self.devices.reclaim_defaults(fresh):
                 # Also when the server had not yet applied our own setting (PipeWire).
                 log.info("the default devices were not ours during start-up: made ours again")
+
+
+def _find_sink(pulse: Pulse, name: str) -> bool:
+    return any(sink.name == name for sink in pulse.sink_list())
+
+
+def _wait_for_sink(pulse: Pulse, name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _find_sink(pulse, name):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def restart_sink_clock(server: str | None, sink_name: str) -> None:

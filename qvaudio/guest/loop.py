@@ -47,6 +47,7 @@ from qvaudio.core.guest_session import (
     StartMonitor,
     StopMonitor,
 )
+from qvaudio.core.reported_latency import ReportedLatency
 from qvaudio.guest.devices import (
     AudioServerWatcher,
     DeviceSpec,
@@ -89,6 +90,8 @@ class GuestAgent:
                 source_description=settings.source_description,
                 sink_format=settings.formats[0],
                 source_format=settings.capture_formats[0],
+                report_latency=settings.report_latency,
+                pipewire_remote=settings.pipewire_remote or None,
             )
         )
         self.watcher = AudioServerWatcher(self.devices, self.server, self.mailbox.post)
@@ -110,6 +113,7 @@ class GuestAgent:
         self.stopping = False
         self.told_ready = False
         self.latency_report = LatencyReport()
+        self.reported_latency = ReportedLatency(settings.latency_round_ms)
         self.bytes_sent_before = 0  # by earlier connections
         self.next_tick = 0.0
         self.next_status = 0.0
@@ -167,6 +171,7 @@ class GuestAgent:
         if self.session is not None and now >= self.next_tick:
             self.next_tick = now + TICK_S
             self._execute(self.session.tick(now))
+            self._publish_latency()
         if self.workers.retry_due(now):
             self._update_monitor()
         if self.status_dirty and now >= self.next_status:
@@ -384,6 +389,16 @@ class GuestAgent:
     def _latency_us(self, session: GuestSession) -> int | None:
         return session.end_to_end_us(self.settings.period_ms, self.outbox.audio_bytes)
 
+    def _publish_latency(self) -> None:
+        """Keep what the virtual output tells applications equal to the path measured."""
+        session = self.session
+        if session is None or not session.streaming:
+            return
+        published_us = self.reported_latency.update(self._latency_us(session))
+        if published_us is not None:
+            log.debug("virtual output reports %.1f ms behind it", published_us / 1000)
+            self.devices.publish_latency(published_us * 1000)
+
     def _report_latency(self, now: float) -> None:
         session = self.session
         if session is None or not session.streaming:
@@ -436,6 +451,7 @@ class GuestAgent:
                 self.devices.teardown(pulse)
         except (pulsectl.PulseError, RuntimeError, LookupError) as exc:
             log.warning("could not remove the virtual devices: %s", exc)
+        self.devices.close_node()
         self.status.remove()
         self.notifier.close()
         self.selector.close()

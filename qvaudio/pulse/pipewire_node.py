@@ -1,0 +1,299 @@
+"""The guest's virtual output as a PipeWire node of its own, which reports the path behind it.
+
+An application asks its audio server how late its sound will be heard
+(`pa_stream_get_latency`, PipeWire's stream time). A null sink can only
+answer for itself: the VM's transport, dom0's queue and the host's stream
+behind it are invisible. On PipeWire a node may publish a `Latency`
+parameter on its input port, and PipeWire adds it to the delay of every
+stream linked to it, pipewire-pulse's clients included (PipeWire's own
+pulse tunnel does this with the remote server's latency). So on PipeWire
+the guest agent makes its virtual output a `pw_stream` of class
+`Audio/Sink` and keeps its `Latency` equal to what the guest measures from
+there to the host's speakers (`set_latency_ns`).
+
+The node only consumes: what applications play reaches the agent, as
+before, through the node's monitor (pipewire-pulse's `NAME.monitor`), so
+the rest of the guest is the same on both servers.
+
+Bound with cffi's ABI mode like libpulse (`qvaudio/decl/libpipewire.h`):
+no compiler at install time; the declarations are checked against the
+real headers where they are installed. Every failure becomes a
+`PipeWireError`; `close` is idempotent.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any, Final
+
+import cffi
+
+from qvaudio.common.closing import Closing
+from qvaudio.core import spa_pod
+from qvaudio.core.errors import QvaudioError
+from qvaudio.core.formats import AudioFormat
+
+log = logging.getLogger(__name__)
+
+SONAME: Final = "libpipewire-0.3.so.0"
+#: How long `open` waits for the server to take the node.
+OPEN_TIMEOUT_S: Final = 5.0
+
+_PW_VERSION_STREAM_EVENTS: Final = 2
+_PW_DIRECTION_INPUT: Final = 0
+_PW_ID_ANY: Final = 0xFFFFFFFF
+_PW_STREAM_FLAG_AUTOCONNECT: Final = 1 << 0
+_PW_STREAM_FLAG_MAP_BUFFERS: Final = 1 << 2
+_STATE_ERROR: Final = -1
+_STATE_UNCONNECTED: Final = 0
+_STATE_PAUSED: Final = 2
+_STATE_NAMES: Final = {-1: "error", 0: "unconnected", 1: "connecting", 2: "paused", 3: "streaming"}
+
+ffi: Final = cffi.FFI()
+ffi.cdef(resources.files("qvaudio").joinpath("decl/libpipewire.h").read_text("utf-8"))
+
+_load_lock = threading.Lock()
+_lib: Any = None
+
+
+class PipeWireError(QvaudioError, OSError):
+    """libpipewire failed, or the PipeWire server refused or dropped the node."""
+
+
+def _load() -> Any:
+    """dlopen libpipewire and initialise it once, on first use, so importing never fails."""
+    global _lib
+    with _load_lock:
+        if _lib is None:
+            try:
+                lib: Any = ffi.dlopen(SONAME)
+            except OSError as exc:
+                raise PipeWireError(
+                    errno_mod.ENOENT, f"cannot load {SONAME} ({exc}): install libpipewire"
+                ) from None
+            lib.pw_init(ffi.NULL, ffi.NULL)
+            _lib = lib
+        return _lib
+
+
+def check(result: int, action: str) -> int:
+    """libpipewire returns -errno on failure: turn that into a `PipeWireError`."""
+    if result < 0:
+        raise PipeWireError(-result, f"{action}: {os.strerror(-result)}")
+    return result
+
+
+def _dict(items: Mapping[str, str]) -> tuple[Any, list[Any]]:
+    """A `spa_dict` of `items`, and the C strings that must outlive it."""
+    keep = [ffi.new("char[]", text.encode()) for pair in items.items() for text in pair]
+    entries = ffi.new("struct spa_dict_item[]", len(items))
+    for i in range(len(items)):
+        entries[i].key = keep[2 * i]
+        entries[i].value = keep[2 * i + 1]
+    spa_dict = ffi.new("struct spa_dict *", {"n_items": len(items), "items": entries})
+    return spa_dict, [*keep, entries]
+
+
+def _callback_failed(exc_type: Any, value: Any, _tb: Any) -> None:
+    log.error("PipeWire callback failed: %s: %s", getattr(exc_type, "__name__", exc_type), value)
+
+
+# The loop thread calls these with the loop's lock held; each finds its node by handle.
+
+
+@ffi.callback("void(void *, int, int, const char *)", onerror=_callback_failed)
+def _on_state(data: Any, _old: int, state: int, error: Any) -> None:
+    node: SinkNode = ffi.from_handle(data)
+    node._state = state
+    if error != ffi.NULL:
+        text: Any = ffi.string(error)
+        node._error = text.decode("utf-8", "backslashreplace")
+    node._changed.set()
+
+
+@ffi.callback("void(void *)", onerror=_callback_failed)
+def _on_process(data: Any) -> None:
+    # The audio is read from the node's monitor; here the buffers go straight back.
+    node: SinkNode = ffi.from_handle(data)
+    lib = _lib
+    buffer = lib.pw_stream_dequeue_buffer(node._stream)
+    if buffer != ffi.NULL:
+        lib.pw_stream_queue_buffer(node._stream, buffer)
+
+
+_EVENTS: Final = ffi.new(
+    "struct pw_stream_events *",
+    {"version": _PW_VERSION_STREAM_EVENTS, "state_changed": _on_state, "process": _on_process},
+)
+
+
+class SinkNode(Closing):
+    """An `Audio/Sink` node in a PipeWire server, publishing the latency behind it."""
+
+    def __init__(self) -> None:
+        self._loop: Any = ffi.NULL
+        self._stream: Any = ffi.NULL
+        self._handle: Any = None
+        self._state = _STATE_UNCONNECTED
+        self._error = ""
+        self._changed = threading.Event()
+        self._latency_ns = -1
+        self._closed = False
+        self.name = ""
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        description: str,
+        fmt: AudioFormat,
+        *,
+        remote: str | None = None,
+        timeout: float = OPEN_TIMEOUT_S,
+    ) -> SinkNode:
+        """Create the node `name` taking `fmt`; `PipeWireError` if the server does not take it.
+
+        `remote` names the PipeWire socket (libpipewire's default otherwise:
+        `$PIPEWIRE_REMOTE`, then `pipewire-0` in the runtime directory)."""
+        node = cls()
+        try:
+            node._open(name, description, fmt, remote, timeout)
+        except BaseException:
+            node.close()
+            raise
+        return node
+
+    def _open(
+        self, name: str, description: str, fmt: AudioFormat, remote: str | None, timeout: float
+    ) -> None:
+        lib = _load()
+        self.name = name
+        self._loop = lib.pw_thread_loop_new(b"qvaudio-pw", ffi.NULL)
+        if self._loop == ffi.NULL:
+            raise PipeWireError(ffi.errno, "cannot create a PipeWire thread loop")
+        props = {
+            "media.type": "Audio",
+            "media.class": "Audio/Sink",
+            "node.name": name,
+            "node.description": description,
+            # Applications and the session manager see a device, not a stream.
+            "node.virtual": "false",
+            "device.class": "sound",
+        }
+        if remote:
+            props["remote.name"] = remote
+        spa_dict, keep = _dict(props)
+        properties = lib.pw_properties_new_dict(spa_dict)
+        del keep
+        self._handle = ffi.new_handle(self)
+        lib.pw_thread_loop_lock(self._loop)
+        try:
+            # Takes the properties whatever happens.
+            self._stream = lib.pw_stream_new_simple(
+                lib.pw_thread_loop_get_loop(self._loop), name.encode(), properties, _EVENTS,
+                self._handle,
+            )  # fmt: skip
+            if self._stream == ffi.NULL:
+                raise PipeWireError(ffi.errno, f"cannot create the PipeWire node {name!r}")
+            params, keep_params = _params(spa_pod.audio_format(fmt), spa_pod.playback_latency(0))
+            check(
+                lib.pw_stream_connect(
+                    self._stream, _PW_DIRECTION_INPUT, _PW_ID_ANY,
+                    _PW_STREAM_FLAG_AUTOCONNECT | _PW_STREAM_FLAG_MAP_BUFFERS, params, 2,
+                ),
+                f"cannot connect the PipeWire node {name!r}",
+            )  # fmt: skip
+            del keep_params
+            self._latency_ns = 0
+        finally:
+            lib.pw_thread_loop_unlock(self._loop)
+        check(lib.pw_thread_loop_start(self._loop), "cannot start the PipeWire thread loop")
+        self._wait_taken(timeout)
+
+    def _wait_taken(self, timeout: float) -> None:
+        """Until the server has made the node (paused: it exists, nothing plays yet)."""
+        remaining = timeout
+        step = 0.05
+        while remaining > 0:
+            state = self._state
+            if state == _STATE_ERROR:
+                raise PipeWireError(
+                    errno_mod.EIO, f"PipeWire refused the node {self.name!r}: {self._error}"
+                )
+            if state >= _STATE_PAUSED:
+                return
+            self._changed.wait(step)
+            self._changed.clear()
+            remaining -= step
+        raise PipeWireError(
+            errno_mod.ETIMEDOUT,
+            f"PipeWire did not take the node {self.name!r} within {timeout:.0f} s "
+            f"(state {_STATE_NAMES.get(self._state, self._state)})",
+        )
+
+    @property
+    def alive(self) -> bool:
+        """False once the server has dropped the node (it went away, or refused it)."""
+        return not self._closed and self._state not in (_STATE_ERROR, _STATE_UNCONNECTED)
+
+    @property
+    def latency_ns(self) -> int:
+        """What the node reports now, in nanoseconds."""
+        return self._latency_ns
+
+    def set_latency_ns(self, latency_ns: int) -> None:
+        """Report `latency_ns` from this node to the speakers to everything that plays into it."""
+        if latency_ns == self._latency_ns:
+            return
+        pod = spa_pod.playback_latency(latency_ns)
+        lib = _load()
+        lib.pw_thread_loop_lock(self._loop)
+        try:
+            if self._closed or self._stream == ffi.NULL:
+                raise PipeWireError(errno_mod.EBADF, f"the node {self.name!r} is closed")
+            params, keep = _params(pod)
+            check(
+                lib.pw_stream_update_params(self._stream, params, 1),
+                f"cannot update the latency of {self.name!r}",
+            )
+            del keep
+            self._latency_ns = latency_ns
+        finally:
+            lib.pw_thread_loop_unlock(self._loop)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop == ffi.NULL:
+            return
+        lib = _load()
+        # Stopping the loop first: no callback runs while the stream goes.
+        lib.pw_thread_loop_stop(self._loop)
+        if self._stream != ffi.NULL:
+            lib.pw_stream_destroy(self._stream)
+            self._stream = ffi.NULL
+        lib.pw_thread_loop_destroy(self._loop)
+        self._loop = ffi.NULL
+
+    def __del__(self) -> None:
+        # A node left open would keep its device in the VM's server until exit.
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+def _params(*pods: bytes) -> tuple[Any, list[Any]]:
+    """A `const struct spa_pod *[]` over copies of `pods`, and what must outlive it."""
+    buffers = [ffi.new("uint8_t[]", pod) for pod in pods]
+    array = ffi.new("const struct spa_pod *[]", [ffi.cast("struct spa_pod *", b) for b in buffers])
+    return array, [*buffers, array]
+
+
+def library_version() -> str:
+    version: Any = ffi.string(_load().pw_get_library_version())
+    return str(version.decode())
