@@ -2,6 +2,7 @@
 the player's own latency query says it will? (issue 14)
 
     .venv/bin/python -m bench.avsync_bench [--impulses 100] [--methods qvaudio,...]
+        [--vm-server pulseaudio|pipewire]
 
 For each method (bench/pipeline.py's: qvaudio with both agents, `parec |
 pacat`, module-tunnel-sink), a fresh VM/host pair of private PulseAudio
@@ -80,10 +81,10 @@ def predictions(starts: list[int], marks: list[tuple[float, int, float]]) -> lis
     return out
 
 
-def measure(method: str, base: Path, impulses: int) -> dict[str, Any]:
+def measure(method: str, base: Path, impulses: int, vm_kind: str) -> dict[str, Any]:
     starts = schedule(impulses)
     load_before = load_average()
-    with running(method, base, method) as route:
+    with running(method, base, method, vm_kind=vm_kind) as route:
         host_rec = Recorder(route.host, route.host_monitor, "host-monitor")
         host_rec.started.wait(10)
         if host_rec.error is not None:
@@ -107,6 +108,7 @@ def measure(method: str, base: Path, impulses: int) -> dict[str, Any]:
     reported = [m[2] * 1000 for m in marks]
     return {
         "method": method,
+        "vm_server": vm_kind,
         "settings": settings,
         "impulses_counted": impulses,
         "heard_minus_predicted_ms": stats_ms(errors),
@@ -128,11 +130,15 @@ def measure(method: str, base: Path, impulses: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--impulses", type=int, default=100)
+    parser.add_argument(
+        "--vm-server", choices=("pulseaudio", "pipewire"), default="pulseaudio",
+        help="the VM's audio server (on PipeWire qvaudio reports the path behind its output)",
+    )  # fmt: skip
     run_methods(
         parser,
         METHODS,
         "A/V sync: a VM player's own latency-based prediction vs the host sink",
-        lambda method, base, args: measure(method, base, args.impulses),
+        lambda method, base, args: measure(method, base, args.impulses, args.vm_server),
     )
 
 

@@ -103,7 +103,8 @@ class Route:
     """One method carrying a VM server's audio to a host server."""
 
     method: str
-    vm: PrivatePulse
+    #: The VM's audio server: a private PulseAudio, or PipeWire with pipewire-pulse.
+    vm: Any
     host: PrivatePulse
     #: Where to record what the VM plays (a source on the VM server).
     vm_monitor: str
@@ -242,11 +243,23 @@ _SETUP: dict[str, Callable[..., None]] = {
 }
 
 
-def start_method(method: str, base: Path, label: str, **kwargs: Any) -> Route:
+def vm_server(root: Path, kind: str) -> Any:
+    """The VM's audio server: PulseAudio 16, or PipeWire (the tests' private daemon set)."""
+    if kind == "pipewire":
+        from tests.audio_daemons import PipeWireServer
+
+        return PipeWireServer("vm", root / "vm-pw")
+    return PrivatePulse(root, "vm")
+
+
+def start_method(
+    method: str, base: Path, label: str, vm_kind: str = "pulseaudio", **kwargs: Any
+) -> Route:
     """A fresh VM/host server pair joined by `method`; stopped again if setup fails."""
     root = base / label
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    route = Route(method, PrivatePulse(root, "vm"), PrivatePulse(root, "host"), f"{SINK}.monitor")
+    vm = vm_server(root, vm_kind)
+    route = Route(method, vm, PrivatePulse(root, "host"), f"{SINK}.monitor")
     try:
         route.vm.start()
         route.host.start()

@@ -394,7 +394,13 @@ class GuestAgent:
         session = self.session
         if session is None or not session.streaming:
             return
-        published_us = self.reported_latency.update(self._latency_us(session))
+        # Without the monitor's period: PipeWire already counts, in every
+        # stream's delay, the graph cycle in which the node takes the audio,
+        # and that same cycle hands it to the monitor (measured: with the
+        # period counted, a player's clicks came 15 ms before its prediction).
+        fmt = session.playback_format
+        waiting_us = 0 if fmt is None else fmt.duration_us(self.outbox.audio_bytes)
+        published_us = self.reported_latency.update(session.latency_us(waiting_us))
         if published_us is not None:
             log.debug("virtual output reports %.1f ms behind it", published_us / 1000)
             self.devices.publish_latency(published_us * 1000)
