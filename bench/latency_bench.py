@@ -66,6 +66,7 @@ SETTLE_S = 1.5
 QUIET_BEFORE_S = 0.1
 CHUNK = FMT.bytes_for_ms(10)
 EXTRA_ROWS: dict[str, dict[str, tuple[str, ...]]] = {
+    "qvaudio, non-default: guest --no-report-latency": {"guest_args": ("--no-report-latency",)},
     "qvaudio, non-default: dom0 --latency-ms 10": {"dom0_args": ("--latency-ms", "10")},
     "qvaudio, non-default: guest --period-ms 5, dom0 --latency-ms 10": {
         "guest_args": ("--period-ms", "5"),
@@ -231,7 +232,8 @@ def measure(method: str, base: Path, label: str, impulses: int, **kwargs: Any) -
         result["dom0_status_playback"] = _playback_summary(status)
     if guest_status is not None:
         result["guest_status"] = {
-            k: guest_status.get(k) for k in ("latency_us", "dropped_bytes", "state")
+            k: guest_status.get(k)
+            for k in ("latency_us", "reported_latency_us", "dropped_bytes", "state")
         }
     return result
 
@@ -273,11 +275,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--impulses", type=int, default=100)
     parser.add_argument("--no-extra", action="store_true", help="skip the non-default rows")
+    parser.add_argument(
+        "--vm-server", choices=("pulseaudio", "pipewire"), default="pulseaudio",
+        help="the VM's audio server",
+    )  # fmt: skip
     args = parser.parse_args()
     rows: dict[str, Any] = {}
     out: dict[str, Any] = {
         "benchmark": "added latency, VM sink monitor -> host sink monitor, by impulse onset",
         "machine": machine(),
+        "vm_server": args.vm_server,
         "signal": f"{BURST_MS} ms {BURST_HZ:g} Hz bursts, amplitude {AMPLITUDE}, 250-350 ms apart",
         "threshold": THRESHOLD,
         "impulses_reported_as_the_start": FIRST,
@@ -287,11 +294,13 @@ def main() -> None:
         base = Path(tmp)
         for i, method in enumerate(METHODS):
             rows[f"{method} (default)" if method == "qvaudio" else method] = measure(
-                method, base, f"m{i}", args.impulses
+                method, base, f"m{i}", args.impulses, vm_kind=args.vm_server
             )
         if not args.no_extra:
             for i, (name, kwargs) in enumerate(EXTRA_ROWS.items()):
-                rows[name] = measure("qvaudio", base, f"x{i}", args.impulses, **kwargs)
+                rows[name] = measure(
+                    "qvaudio", base, f"x{i}", args.impulses, vm_kind=args.vm_server, **kwargs
+                )
     out["load_avg_end"] = load_average()
     print(json.dumps(out, indent=2))
 

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--source-name", key="source_name", metavar="NAME",
          help="name of the virtual microphone device to create.")  # fmt: skip
     parser.add_argument(
+        "--no-report-latency",
+        action="store_true",
+        help="on PipeWire, keep a plain null sink as the virtual output: applications are not "
+        "told the latency to dom0's speakers (guest.report_latency: false).",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log more detail (debug messages)."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -109,6 +115,8 @@ def settings_from(args: argparse.Namespace, base: GuestSettings) -> GuestSetting
     overrides = flag_overrides(args, FLAG_SETTINGS)
     if args.formats:
         overrides["formats"] = tuple(args.formats)
+    if args.no_report_latency:
+        overrides["report_latency"] = False
     return replace(base, **overrides)
 
 

@@ -602,6 +602,7 @@ def test_help_explains_every_flag() -> None:
         "--pulse-server",
         "--sink-name",
         "--source-name",
+        "--no-report-latency",
         "--verbose",
     ):
         assert flag in result.stdout

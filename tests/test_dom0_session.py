@@ -195,6 +195,22 @@ def test_live_policy_change_stops_and_resumes_playback() -> None:
     assert len(h.of(StartPlayback)) == 2
 
 
+def test_audio_discarded_still_counts_as_received_in_position_reports() -> None:
+    """The guest counts what it sent minus `received_frames` as in flight: audio
+    dom0 read and discarded must not stay "in flight" for ever (seen: every
+    figure the guest published afterwards was ~10 ms too large)."""
+    h = Harness(ALLOW_ALL)
+    h.negotiate(capture=None)
+    in_flight = h.guest.send(PlaybackData(tone(S16)))
+    h.run(h.session.update_policy(DENY_ALL, h.now))
+    h.raw(in_flight)
+    h.run(h.session.update_policy(ALLOW_ALL, h.now))
+    h.send(PlaybackData(tone(S16)))
+    h.run(h.session.tick(h.now + 5))
+    positions = [event for event in h.received if isinstance(event, Position)]
+    assert positions[-1].received_frames == 2 * len(tone(S16)) // S16.frame_size
+
+
 def test_capture_allowed_runs_and_stops_on_request() -> None:
     h = Harness(ALLOW_ALL)
     h.negotiate()

@@ -29,6 +29,7 @@ from qvaudio.core.events import (
 from qvaudio.core.formats import AudioFormat, SampleFormat
 from qvaudio.core.guest_idle import IdleMethod, idle_method, sink_suspension
 from qvaudio.core.guest_session import (
+    IN_FLIGHT_REPORTS,
     Action,
     Disconnect,
     GuestConfig,
@@ -177,6 +178,24 @@ def test_latency_is_end_to_end() -> None:
     # Sent after dom0's report: not counted until the next report covers it.
     h.run(h.session.audio(SOUND, h.now))
     assert h.session.latency_us(5000) == 35000
+
+
+def test_in_flight_is_the_least_of_the_last_reports() -> None:
+    """Audio the loop sent before it read a report already waiting makes that
+    report's in-flight figure too large; a backlog shows in every report."""
+    h = Harness()
+    h.accept_all()
+    for _ in range(10):  # 100 ms sent
+        h.run(h.session.audio(SOUND, h.now))
+    report = Position(received_frames=4800, played_frames=4000, playback_latency_us=20000,
+                      capture_latency_us=0)  # fmt: skip
+    h.from_dom0(report)  # nothing in flight
+    h.run(h.session.audio(SOUND, h.now))
+    h.from_dom0(report)  # 10 ms sent before the report was read
+    assert h.session.latency_us(0) == 20000
+    for _ in range(IN_FLIGHT_REPORTS):
+        h.from_dom0(report)  # ...and in every report since: a backlog
+    assert h.session.latency_us(0) == 30000
 
 
 def test_latency_means_something_only_once_dom0_reported_on_sound() -> None:

@@ -267,8 +267,12 @@ class VmSession(PlaybackSide, CaptureSide):
         return [*self._stop_playback(reason), *self._stop_capture_stream(reason)]
 
     def _received_frames(self) -> int:
+        """Every frame taken from the transport, played or not: the guest counts
+        what it sent minus this as in flight, and audio discarded here (playback
+        not yet started, or stopped) is not on its way any more."""
         fmt = self.playback_format
-        return self.counters.bytes_received // fmt.frame_size if fmt else 0
+        taken = self.counters.bytes_received + self.counters.bytes_discarded
+        return taken // fmt.frame_size if fmt else 0
 
     def status(self) -> dict[str, object]:
         """A snapshot for `qvaudio status`."""

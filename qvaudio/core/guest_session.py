@@ -17,6 +17,7 @@ per audio server.
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
@@ -47,6 +48,9 @@ from qvaudio.core.events import (
 )
 from qvaudio.core.formats import AudioFormat
 from qvaudio.core.session import Session
+
+#: In-flight audio is judged by the least of this many of dom0's last reports.
+IN_FLIGHT_REPORTS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +127,9 @@ class GuestSession(Session):
         self.bytes_sent = 0
         self.frames_sent = 0
         self.last_position: Position | None = None
-        self._sent_at_position = 0
+        #: Frames in flight by each of the last few reports: sent by us when the
+        #: report arrived, not yet received by dom0 when it wrote it.
+        self._in_flight: collections.deque[int] = collections.deque(maxlen=IN_FLIGHT_REPORTS)
         self._last_heard = now
         self._last_sound = now
         self._mic_refusal_told = False
@@ -162,8 +168,13 @@ class GuestSession(Session):
             return None
         # In flight when dom0 reported, not now: what was sent since its
         # report is unknown to it, and counting it would inflate the figure
-        # by up to a whole report interval.
-        in_flight = max(0, self._sent_at_position - position.received_frames)
+        # by up to a whole report interval. The least of the last few: audio
+        # the loop sent before it got to a report already waiting for it
+        # counts as in flight though dom0 wrote the report before it was
+        # sent (on PipeWire, whose graph cycles beat against the period,
+        # that made the figure ~10 ms too large); a real backlog in the
+        # transport stays in every report and so in the least of them.
+        in_flight = min(self._in_flight, default=0)
         return local_us + in_flight * 1_000_000 // fmt.rate + position.playback_latency_us
 
     def end_to_end_us(self, period_ms: int, waiting_bytes: int) -> int | None:
@@ -257,6 +268,7 @@ class GuestSession(Session):
         """No sound flows any more (corked, or the monitor stops or restarts)."""
         self._sound_from = None
         self._latency_known = False
+        self._in_flight.clear()
 
     def set_mic_users(self, count: int, now: float) -> list[Action]:
         """How many applications record from the virtual microphone now."""
@@ -340,7 +352,7 @@ class GuestSession(Session):
                 return [MicAudio(pcm)]
             case Position(received_frames=received):
                 self.last_position = event
-                self._sent_at_position = self.frames_sent
+                self._in_flight.append(max(0, self.frames_sent - received))
                 if self._sound_from is not None and received > self._sound_from:
                     self._latency_known = True
                 return []

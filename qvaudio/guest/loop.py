@@ -427,6 +427,10 @@ class GuestAgent:
             "format": self.playback_format.spec() if self.playback_format else None,
             "corked": bool(session is not None and session.conn.corked),
             "latency_us": latency,
+            # What applications are told is behind the virtual output (None: not told).
+            "reported_latency_us": (
+                self.reported_latency.published_us if self.devices.reports_latency else None
+            ),
             "bytes_sent": self.bytes_sent_before + (session.bytes_sent if session else 0),
             "dropped_bytes": self.outbox.dropped_audio_bytes,
             "players": self.usage.players,

@@ -123,6 +123,8 @@ def _on_process(data: Any) -> None:
     lib = _lib
     buffer = lib.pw_stream_dequeue_buffer(node._stream)
     if buffer != ffi.NULL:
+        # One buffer per graph cycle: its size is the cycle's length.
+        node._cycle_bytes = int(buffer.buffer.datas[0].chunk.size)
         lib.pw_stream_queue_buffer(node._stream, buffer)
 
 
@@ -143,6 +145,8 @@ class SinkNode(Closing):
         self._error = ""
         self._changed = threading.Event()
         self._latency_ns = -1
+        self._cycle_bytes = 0
+        self._frame_size = 1
         self._closed = False
         self.name = ""
 
@@ -173,6 +177,7 @@ class SinkNode(Closing):
     ) -> None:
         lib = _load()
         self.name = name
+        self._frame_size = fmt.frame_size
         self._loop = lib.pw_thread_loop_new(b"qvaudio-pw", ffi.NULL)
         if self._loop == ffi.NULL:
             raise PipeWireError(ffi.errno, "cannot create a PipeWire thread loop")
@@ -240,6 +245,11 @@ class SinkNode(Closing):
     def alive(self) -> bool:
         """False once the server has dropped the node (it went away, or refused it)."""
         return not self._closed and self._state not in (_STATE_ERROR, _STATE_UNCONNECTED)
+
+    @property
+    def cycle_frames(self) -> int:
+        """Frames the node took in its last graph cycle (0 before any audio)."""
+        return self._cycle_bytes // self._frame_size
 
     @property
     def latency_ns(self) -> int:
