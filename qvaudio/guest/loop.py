@@ -396,8 +396,9 @@ class GuestAgent:
             return
         # Without the monitor's period: PipeWire already counts, in every
         # stream's delay, the graph cycle in which the node takes the audio,
-        # and that same cycle hands it to the monitor (measured: with the
-        # period counted, a player's clicks came 15 ms before its prediction).
+        # and that same cycle hands it to the monitor (bench/avsync_bench.py
+        # on PipeWire: with the period counted, a player's clicks came 6 ms
+        # further ahead of its prediction than without).
         fmt = session.playback_format
         waiting_us = 0 if fmt is None else fmt.duration_us(self.outbox.audio_bytes)
         published_us = self.reported_latency.update(session.latency_us(waiting_us))
