@@ -2,7 +2,14 @@
 the player's own latency query says it will? (issue 14)
 
     .venv/bin/python -m bench.avsync_bench [--impulses 100] [--methods qvaudio,...]
-        [--vm-server pulseaudio|pipewire]
+        [--vm-server pulseaudio|pipewire] [--stall-ms MS --stall-at S]
+
+With `--impulses 400 --stall-ms 300` it is issue 14's reported-versus-
+measured run: two minutes of clicks, the host's server stopped for 300 ms
+40 s in (dom0's host stream runs dry and its reserve grows: the true
+latency changes mid-stream), and the error given per 10 s (`per_10_s`)
+with what the player read, so a reported figure that does not follow the
+change shows as a step in the error.
 
 For each method (bench/pipeline.py's: qvaudio with both agents, `parec |
 pacat`, module-tunnel-sink), a fresh VM/host pair of private PulseAudio
@@ -26,6 +33,8 @@ counted. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import threading
 import time
@@ -81,7 +90,45 @@ def predictions(starts: list[int], marks: list[tuple[float, int, float]]) -> lis
     return out
 
 
-def measure(method: str, base: Path, impulses: int, vm_kind: str) -> dict[str, Any]:
+def stall_host(route: Any, after_s: float, stall_ms: int) -> threading.Thread:
+    """Stop the host's audio server for `stall_ms` after `after_s`: the true latency
+    changes mid-stream (dom0's reserve grows when its host stream runs dry)."""
+
+    def run() -> None:
+        time.sleep(after_s)
+        pid = route.host.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(stall_ms / 1000)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=run, name="host-stall", daemon=True)
+    thread.start()
+    return thread
+
+
+def windows(
+    starts: list[int], errors: list[float | None], marks: list[tuple[float, int, float]]
+) -> list[dict[str, Any]]:
+    """Per 10 s of the clicks: the error, and what the player read as its latency."""
+    out = []
+    span = 10 * FMT.rate
+    for first in range(0, starts[-1] + 1, span):
+        picked = [e for n, e in zip(starts, errors, strict=True) if first <= n < first + span]
+        read = [m[2] * 1000 for m in marks if first <= m[1] < first + span]
+        out.append({
+            "from_s": first // FMT.rate,
+            "heard_minus_predicted_ms": stats_ms(picked),
+            "player_read_ms_median": round(statistics.median(read), 1) if read else None,
+        })  # fmt: skip
+    return out
+
+
+def measure(
+    method: str, base: Path, impulses: int, vm_kind: str, stall_at_s: float = 0,
+    stall_ms: int = 0,
+) -> dict[str, Any]:  # fmt: skip
     starts = schedule(impulses)
     load_before = load_average()
     with running(method, base, method, vm_kind=vm_kind) as route:
@@ -91,6 +138,8 @@ def measure(method: str, base: Path, impulses: int, vm_kind: str) -> dict[str, A
             raise host_rec.error
         time.sleep(SETTLE_S + 0.5)
         player, marks = stamping_player(route.vm, starts)
+        if stall_ms:
+            stall_host(route, stall_at_s, stall_ms)
         player.join(len(starts) * 0.4 + 30)
         time.sleep(1.0)
         host_rec.stop()
@@ -119,6 +168,8 @@ def measure(method: str, base: Path, impulses: int, vm_kind: str) -> dict[str, A
             "min": round(min(reported), 1),
             "max": round(max(reported), 1),
         },
+        "stall": {"at_s": stall_at_s, "ms": stall_ms} if stall_ms else None,
+        "per_10_s": windows(starts, errors, marks),
         "per_impulse_heard_minus_predicted_ms": [
             None if e is None else round(e * 1000, 1) for e in errors
         ],
@@ -134,11 +185,21 @@ def main() -> None:
         "--vm-server", choices=("pulseaudio", "pipewire"), default="pulseaudio",
         help="the VM's audio server (on PipeWire qvaudio reports the path behind its output)",
     )  # fmt: skip
+    parser.add_argument(
+        "--stall-ms",
+        type=int,
+        default=0,
+        help="stop the host's audio server this long mid-run (0: never)",
+    )
+    parser.add_argument("--stall-at", type=float, default=40.0,
+                        help="seconds into the clicks to stall the host")  # fmt: skip
     run_methods(
         parser,
         METHODS,
         "A/V sync: a VM player's own latency-based prediction vs the host sink",
-        lambda method, base, args: measure(method, base, args.impulses, args.vm_server),
+        lambda method, base, args: measure(
+            method, base, args.impulses, args.vm_server, args.stall_at, args.stall_ms
+        ),
     )
 
 
