@@ -1,8 +1,10 @@
 /* The part of libpipewire-0.3 (0.3.x ABI) that qvaudio's virtual output uses:
  * a thread loop and one pw_stream published as an Audio/Sink node. Layouts
- * from pipewire/stream.h and spa/buffer/buffer.h; tests/test_pipewire_node.py
- * compares them with the C compiler's view of the real headers when those
- * are installed. Enums are passed as int, as the C ABI does. */
+ * as in pipewire/stream.h and spa/buffer/buffer.h of 0.3.65 (checked once
+ * against gcc's sizeof/offsetof of the real headers: pw_stream_events 96,
+ * pw_buffer 32, spa_buffer 24, spa_data 40 with data at 24 and chunk at 32);
+ * tests/test_pipewire_node.py drives them against a real PipeWire. Enums are
+ * passed as int, as the C ABI does. */
 
 struct spa_dict_item { const char *key; const char *value; };
 struct spa_dict { uint32_t flags; uint32_t n_items; const struct spa_dict_item *items; };

@@ -27,6 +27,7 @@ import errno as errno_mod
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any, Final
@@ -135,7 +136,12 @@ _EVENTS: Final = ffi.new(
 
 
 class SinkNode(Closing):
-    """An `Audio/Sink` node in a PipeWire server, publishing the latency behind it."""
+    """An `Audio/Sink` node in a PipeWire server, publishing the latency behind it.
+
+    `set_latency_ns` and `close` may come from different threads. No `__del__`:
+    the node holds a handle to itself, so only the cycle collector could
+    finalise it, on whatever thread it runs, the loop's own included, which
+    cannot stop itself; whoever opens a node closes it."""
 
     def __init__(self) -> None:
         self._loop: Any = ffi.NULL
@@ -148,6 +154,8 @@ class SinkNode(Closing):
         self._cycle_bytes = 0
         self._frame_size = 1
         self._closed = False
+        # Between `close` freeing the loop and a latency update using it.
+        self._lifetime = threading.Lock()
         self.name = ""
 
     @classmethod
@@ -192,9 +200,8 @@ class SinkNode(Closing):
         }
         if remote:
             props["remote.name"] = remote
-        spa_dict, keep = _dict(props)
-        properties = lib.pw_properties_new_dict(spa_dict)
-        del keep
+        spa_dict, _keep = _dict(props)
+        properties = lib.pw_properties_new_dict(spa_dict)  # copies them
         self._handle = ffi.new_handle(self)
         lib.pw_thread_loop_lock(self._loop)
         try:
@@ -205,7 +212,7 @@ class SinkNode(Closing):
             )  # fmt: skip
             if self._stream == ffi.NULL:
                 raise PipeWireError(ffi.errno, f"cannot create the PipeWire node {name!r}")
-            params, keep_params = _params(spa_pod.audio_format(fmt), spa_pod.playback_latency(0))
+            params, _keep_params = _params(spa_pod.audio_format(fmt), spa_pod.playback_latency(0))
             check(
                 lib.pw_stream_connect(
                     self._stream, _PW_DIRECTION_INPUT, _PW_ID_ANY,
@@ -213,7 +220,6 @@ class SinkNode(Closing):
                 ),
                 f"cannot connect the PipeWire node {name!r}",
             )  # fmt: skip
-            del keep_params
             self._latency_ns = 0
         finally:
             lib.pw_thread_loop_unlock(self._loop)
@@ -222,9 +228,8 @@ class SinkNode(Closing):
 
     def _wait_taken(self, timeout: float) -> None:
         """Until the server has made the node (paused: it exists, nothing plays yet)."""
-        remaining = timeout
-        step = 0.05
-        while remaining > 0:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             state = self._state
             if state == _STATE_ERROR:
                 raise PipeWireError(
@@ -232,9 +237,8 @@ class SinkNode(Closing):
                 )
             if state >= _STATE_PAUSED:
                 return
-            self._changed.wait(step)
+            self._changed.wait(0.05)
             self._changed.clear()
-            remaining -= step
         raise PipeWireError(
             errno_mod.ETIMEDOUT,
             f"PipeWire did not take the node {self.name!r} within {timeout:.0f} s "
@@ -260,41 +264,36 @@ class SinkNode(Closing):
         """Report `latency_ns` from this node to the speakers to everything that plays into it."""
         if latency_ns == self._latency_ns:
             return
-        pod = spa_pod.playback_latency(latency_ns)
+        params, _keep = _params(spa_pod.playback_latency(latency_ns))
         lib = _load()
-        lib.pw_thread_loop_lock(self._loop)
-        try:
+        with self._lifetime:
             if self._closed or self._stream == ffi.NULL:
                 raise PipeWireError(errno_mod.EBADF, f"the node {self.name!r} is closed")
-            params, keep = _params(pod)
-            check(
-                lib.pw_stream_update_params(self._stream, params, 1),
-                f"cannot update the latency of {self.name!r}",
-            )
-            del keep
-            self._latency_ns = latency_ns
-        finally:
-            lib.pw_thread_loop_unlock(self._loop)
+            lib.pw_thread_loop_lock(self._loop)
+            try:
+                check(
+                    lib.pw_stream_update_params(self._stream, params, 1),
+                    f"cannot update the latency of {self.name!r}",
+                )
+                self._latency_ns = latency_ns
+            finally:
+                lib.pw_thread_loop_unlock(self._loop)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._loop == ffi.NULL:
-            return
-        lib = _load()
-        # Stopping the loop first: no callback runs while the stream goes.
-        lib.pw_thread_loop_stop(self._loop)
-        if self._stream != ffi.NULL:
-            lib.pw_stream_destroy(self._stream)
-            self._stream = ffi.NULL
-        lib.pw_thread_loop_destroy(self._loop)
-        self._loop = ffi.NULL
-
-    def __del__(self) -> None:
-        # A node left open would keep its device in the VM's server until exit.
-        if not getattr(self, "_closed", True):
-            self.close()
+        with self._lifetime:
+            if self._closed:
+                return
+            self._closed = True
+            if self._loop == ffi.NULL:
+                return
+            lib = _load()
+            # Stopping the loop first: no callback runs while the stream goes.
+            lib.pw_thread_loop_stop(self._loop)
+            if self._stream != ffi.NULL:
+                lib.pw_stream_destroy(self._stream)
+                self._stream = ffi.NULL
+            lib.pw_thread_loop_destroy(self._loop)
+            self._loop = ffi.NULL
 
 
 def _params(*pods: bytes) -> tuple[Any, list[Any]]:
