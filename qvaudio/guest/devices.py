@@ -155,7 +155,7 @@ class GuestDevices:
             return False
         if idle_method(str(pulse.server_info().server_name)) is not IdleMethod.PASSIVE_MONITOR:
             return False
-        if self.reports_latency and _find_sink(pulse, spec.sink_name):
+        if self.reports_latency and pulse_devices.find_sink(pulse, spec.sink_name) is not None:
             return True
         # A null sink of ours left from a run that could not make the node.
         pulse_devices.remove_owned_modules(pulse, [spec.sink_name])
@@ -418,13 +418,9 @@ class AudioServerWatcher:
                 log.info("the default devices were not ours during start-up: made ours again")
 
 
-def _find_sink(pulse: Pulse, name: str) -> bool:
-    return any(sink.name == name for sink in pulse.sink_list())
-
-
 def _wait_for_sink(pulse: Pulse, name: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while not _find_sink(pulse, name):
+    while pulse_devices.find_sink(pulse, name) is None:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)

@@ -399,9 +399,8 @@ class GuestAgent:
         # and that same cycle hands it to the monitor (bench/avsync_bench.py
         # on PipeWire: with the period counted, a player's clicks came 6 ms
         # further ahead of its prediction than without).
-        fmt = session.playback_format
-        waiting_us = 0 if fmt is None else fmt.duration_us(self.outbox.audio_bytes)
-        published_us = self.reported_latency.update(session.latency_us(waiting_us))
+        path_us = session.end_to_end_us(0, self.outbox.audio_bytes)
+        published_us = self.reported_latency.update(path_us)
         if published_us is not None:
             log.debug("virtual output reports %.1f ms behind it", published_us / 1000)
             self.devices.publish_latency(published_us * 1000)

@@ -68,7 +68,8 @@ def _quote_description(description: str) -> str:
     return f"'device.description=\"{cleaned}\"'"
 
 
-def _find_sink(pulse: Pulse, name: str) -> Any | None:
+def find_sink(pulse: Pulse, name: str) -> Any | None:
+    """The sink called `name`, or None."""
     for sink in pulse.sink_list():
         if sink.name == name:
             return sink
@@ -102,7 +103,7 @@ def ensure_null_sink(pulse: Pulse, name: str, description: str, fmt: AudioFormat
         f"channels={fmt.channels} channel_map={fmt.channel_map} "
         f"sink_properties={_quote_description(description)}"
     )
-    return _ensure(pulse, ("sink", "null sink"), name, NULL_SINK_MODULE, args, _find_sink)
+    return _ensure(pulse, ("sink", "null sink"), name, NULL_SINK_MODULE, args, find_sink)
 
 
 def ensure_virtual_source(pulse: Pulse, name: str, description: str, fmt: AudioFormat) -> int:
@@ -217,7 +218,7 @@ def source_output_count(pulse: Pulse, source_name: str) -> int:
 
 
 def sink_state(pulse: Pulse, name: str) -> DeviceState:
-    sink = _find_sink(pulse, name)
+    sink = find_sink(pulse, name)
     if sink is None:
         raise LookupError(f"no sink named {name}")
     return DeviceState(sink.state._value)
