@@ -90,6 +90,16 @@ def predictions(starts: list[int], marks: list[tuple[float, int, float]]) -> lis
     return out
 
 
+def heard_minus_predicted(predicted: list[float], heard: list[float]) -> list[float | None]:
+    """Per prediction, the nearest onset heard minus it; None if none is within 300 ms
+    (clicks are at least 260 ms apart, and a lost click must not pair with the next)."""
+    errors: list[float | None] = []
+    for p in predicted:
+        near = [h - p for h in heard if abs(h - p) < 0.3]
+        errors.append(min(near, key=abs) if near else None)
+    return errors
+
+
 def stall_host(route: Any, after_s: float, stall_ms: int) -> threading.Thread:
     """Stop the host's audio server for `stall_ms` after `after_s`: the true latency
     changes mid-stream (dom0's reserve grows when its host stream runs dry)."""
@@ -148,12 +158,7 @@ def measure(
         raise host_rec.error
     predicted = predictions(starts, marks)
     heard, _ = onset_times(host_rec)
-    errors: list[float | None] = []
-    for p in predicted:
-        # The onset nearest the prediction, if any within 300 ms (clicks are
-        # at least 260 ms apart, and a lost click must not pair with the next).
-        near = [h - p for h in heard if abs(h - p) < 0.3]
-        errors.append(min(near, key=abs) if near else None)
+    errors = heard_minus_predicted(predicted, heard)
     reported = [m[2] * 1000 for m in marks]
     return {
         "method": method,

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from bench.avsync_bench import predictions, stamping_player
+from bench.avsync_bench import heard_minus_predicted, predictions, stamping_player
 from bench.latency_bench import SETTLE_S, onset_times, schedule, stats_ms
 from bench.pipeline import FMT, Recorder, load_average, machine
 from qvaudio.pulse.pipewire_node import SinkNode
@@ -46,20 +47,17 @@ def main() -> None:
             with SinkNode.open(NODE, "probe", FMT, remote=remote) as node:
                 node.set_latency_ns(int(args.published_ms * 1e6))
                 time.sleep(0.5)
-                server_proxy = type("S", (), {"server": server.server})()
-                rec = Recorder(server_proxy, f"{NODE}.monitor", "node-monitor")
+                rec = Recorder(server, f"{NODE}.monitor", "node-monitor")
                 rec.started.wait(10)
                 if rec.error is not None:
                     raise rec.error
                 time.sleep(SETTLE_S)
                 # The player plays into the default sink: make it the node.
-                import subprocess
-
                 subprocess.run(
                     ["pactl", "set-default-sink", NODE], env=server.full_env(), check=True
                 )
                 time.sleep(0.5)
-                player, marks = stamping_player(server_proxy, starts)
+                player, marks = stamping_player(server, starts)
                 player.join(len(starts) * 0.4 + 30)
                 time.sleep(1.0)
                 rec.stop()
@@ -68,11 +66,10 @@ def main() -> None:
             server.stop()
     predicted = predictions(starts, marks)
     heard, _ = onset_times(rec)
+    # The player's predictions include what the node published; the monitor
+    # hears the audio before that part of the path.
     published = args.published_ms / 1000
-    errors: list[float | None] = []
-    for p in predicted:
-        near = [h - (p - published) for h in heard if abs(h - (p - published)) < 0.3]
-        errors.append(min(near, key=abs) if near else None)
+    errors = heard_minus_predicted([p - published for p in predicted], heard)
     print(json.dumps({
         "probe": "monitor of qvaudio's PipeWire node vs a player's prediction",
         "machine": machine(),
