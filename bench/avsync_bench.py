@@ -44,9 +44,8 @@ from typing import Any
 import numpy as np
 
 from bench.latency_bench import SETTLE_S, impulse_train, onset_times, schedule, stats_ms
-from bench.pipeline import FMT, Recorder, load_average, run_methods, running
+from bench.pipeline import FMT, Recorder, ServerAddress, load_average, run_methods, running
 from qvaudio.pulse.pcm import PcmStream
-from qvaudio.pulse.private import PrivatePulse
 
 METHODS = ("qvaudio", "parec_pacat", "tunnel_sink")
 #: Predictions this far either side of a click are smoothed into its own.
@@ -54,7 +53,7 @@ SMOOTH_S = 1.0
 
 
 def stamping_player(
-    server: PrivatePulse, starts: list[int]
+    server: ServerAddress, starts: list[int]
 ) -> tuple[threading.Thread, list[tuple[float, int, float]]]:
     """Plays the clicks; after each write, (time, frames written, the stream's latency in s)."""
     marks: list[tuple[float, int, float]] = []

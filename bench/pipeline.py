@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qvaudio.core.formats import DEFAULT_FORMAT, AudioFormat
 from qvaudio.dom0.control import ControlError, request
@@ -281,6 +281,12 @@ def running(method: str, base: Path, label: str, **kwargs: Any) -> Iterator[Rout
             route.stop()
 
 
+class ServerAddress(Protocol):
+    """All a recorder or a player needs of an audio server: where it listens."""
+
+    server: str
+
+
 class Recorder:
     """Records a source in 10 ms chunks, each stamped with when its last sample was captured.
 
@@ -291,7 +297,7 @@ class Recorder:
 
     def __init__(
         self,
-        server: PrivatePulse,
+        server: ServerAddress,
         device: str,
         name: str,
         on_chunk: Callable[[bytes, float], None] | None = None,
