@@ -61,6 +61,8 @@ class Dom0Peer:
         self.received_frames = 0
         #: What each POSITION says dom0's queue and host stream hold; a test may change it.
         self.playback_latency_us = 20_000
+        #: What each POSITION says the host's microphone audio had waited when sent.
+        self.capture_latency_us = 0
         self.closed = threading.Event()
         self.on_pcm: Callable[[float, bytes], None] | None = None
         self._send_lock = threading.Lock()
@@ -168,7 +170,9 @@ class Dom0Peer:
             try:
                 with self.lock:
                     frames = self.received_frames
-                self._send(Position(frames, frames, self.playback_latency_us, 0))
+                self._send(
+                    Position(frames, frames, self.playback_latency_us, self.capture_latency_us)
+                )
             except OSError:
                 return
 

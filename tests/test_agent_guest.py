@@ -466,6 +466,85 @@ def test_a_microphone_backlog_is_cut_not_kept_as_latency(agent: Agent, peer: Dom
     assert_tone(recorded.read_bytes(), MONO, 700.0, agent.log())
 
 
+class LatencyRecorder:
+    """An application recording the virtual microphone that asks its stream's latency,
+    as an echo canceller lining up what it hears with what it played would."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.stream = PcmStream.record(
+            agent.server.server, MIC, MONO, "latency-recorder", "latency recorder",
+            MONO.bytes_for_ms(10),
+        )  # fmt: skip
+        self.audio = bytearray()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._record, daemon=True)
+        self._thread.start()
+
+    def _record(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.audio += self.stream.read(MONO.bytes_for_ms(10))
+        except PulseError:
+            pass
+
+    def latency_ms(self, samples: int = 15) -> float:
+        """The median of what the application reads over `samples` looks 50 ms apart."""
+        values = []
+        for _ in range(samples):
+            time.sleep(0.05)
+            values.append(self.stream.latency_us() / 1000)
+        return statistics.median(values)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.stream.close()
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("audio_server", ["pipewire"], indirect=True)
+def test_a_recorders_latency_query_counts_the_path_from_the_host_microphone(
+    agent: Agent, peer: Dom0Peer
+) -> None:
+    """What an application recording the virtual microphone reads as its latency is the
+    path from the host's microphone, within bounds, and follows dom0's part of it.
+
+    PipeWire only, as for playback: a PulseAudio remapped monitor reports
+    only itself. dom0 is the protocol stand-in, its POSITION reports saying
+    how old the microphone audio was when sent."""
+    assert "virtual microphone qvaudio_mic is a PipeWire node" in agent.log()
+    peer.capture_latency_us = 30_000
+    recorder = LatencyRecorder(agent)
+    sender = None
+    try:
+        wait_for(lambda: capture_requests(peer) == [True], "CaptureRequest(start)")
+        peer.set_capture(StreamStatus.RUNNING)
+        sender = peer.send_mic(tone.generate_sine(700.0, MONO, 12.0))
+        wait_for(lambda: "virtual microphone reports" in agent.log(), "the path published")
+        wait_for(
+            lambda: agent.status().get("reported_capture_latency_us") is not None,
+            "the published path in the status file",
+        )
+        published = agent.status()["reported_capture_latency_us"] / 1000
+        # dom0's 30 ms, the guest's queue and node buffer (a reserve of 5 ms, a
+        # buffer of 20): the application is told at least dom0's part, at
+        # most all of it, to within a graph cycle.
+        assert 30 <= published <= 30 + 40, published
+        # A record stream's figure glides to a change over a few seconds
+        # (measured: ~20 ms a second), so it is polled until it arrives.
+        wait_for(lambda: abs(recorder.latency_ms() - published) <= 15, "the app told the path")
+        before = recorder.latency_ms()
+        peer.capture_latency_us = 130_000
+        wait_for(lambda: recorder.latency_ms() > before + 80, "the older audio, seen by the app")
+        after = recorder.latency_ms(samples=30)
+        assert after - before == pytest.approx(100, abs=12), (before, after)
+    finally:
+        if sender is not None:
+            sender.join(DEADLINE_S)
+        recorder.close()
+    # The audio itself came through the node whole.
+    assert_tone(bytes(recorder.audio), MONO, 700.0, agent.log())
+
+
 def test_refused_microphone_gives_silence_and_one_notice(agent: Agent, peer: Dom0Peer) -> None:
     recorded = agent.base / "mic.raw"
     recorder = record_mic(agent, recorded)

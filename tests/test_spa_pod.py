@@ -1,7 +1,7 @@
 """The virtual output's PipeWire parameters, byte by byte.
 
 The expected bytes were printed by libspa 0.3.65's own builders
-(`spa_format_audio_raw_build`, `spa_latency_build`) from a small C program
+(`spa_format_audio_raw_build`, `spa_latency_build`, both directions) from a small C program
 compiled against libpipewire-0.3-dev; the encoder must match them exactly.
 """
 
@@ -36,6 +36,15 @@ LATENCY_150_MS = bytes.fromhex(
     "0d1f008000000000700000000000000080000000500000080d1f00800000000"
 )
 
+#: Direction OUTPUT (a source's output port), 25 ms.
+CAPTURE_LATENCY_25_MS = bytes.fromhex(
+    "b00000000f0000000b0004000f00000001000000000000000400000003000000010000000000"
+    "00000200000000000000040000000600000000000000000000000300000000000000040000000600"
+    "00000000000000000000040000000000000004000000040000000000000000000000050000000000"
+    "00000400000004000000000000000000000006000000000000000800000005000000"
+    "40787d01000000000700000000000000080000000500000040787d0100000000"
+)
+
 
 def test_a_stereo_format_matches_libspa() -> None:
     assert spa_pod.audio_format(AudioFormat.parse("s16le:48000:2")) == S16_48K_STEREO
@@ -49,6 +58,10 @@ def test_a_mono_format_keeps_the_array_size_and_pads_the_body() -> None:
 
 def test_a_latency_matches_libspa() -> None:
     assert spa_pod.playback_latency(150_000_000) == LATENCY_150_MS
+
+
+def test_a_capture_latency_matches_libspa() -> None:
+    assert spa_pod.capture_latency(25_000_000) == CAPTURE_LATENCY_25_MS
 
 
 def test_every_channel_count_encodes_its_positions() -> None:
@@ -66,3 +79,5 @@ def test_every_channel_count_encodes_its_positions() -> None:
 def test_a_latency_outside_the_range_is_refused(bad: int) -> None:
     with pytest.raises(ValueError):
         spa_pod.playback_latency(bad)
+    with pytest.raises(ValueError):
+        spa_pod.capture_latency(bad)

@@ -193,6 +193,16 @@ class GuestSession(Session):
         local_us = 0 if fmt is None else period_ms * 1000 + fmt.duration_us(waiting_bytes)
         return self.latency_us(local_us)
 
+    def capture_latency_us(self, local_us: int) -> int | None:
+        """How old microphone audio is as an application reads it: dom0's part (the age
+        of the audio when dom0 sent it) plus `local_us`, the guest's own buffering.
+
+        None unless dom0 is capturing for us and has reported since."""
+        position = self.last_position
+        if position is None or self.conn.capture_status is not StreamStatus.RUNNING:
+            return None
+        return position.capture_latency_us + local_us
+
     # -- inputs --------------------------------------------------------------------------
 
     def start(self, now: float) -> list[Action]:

@@ -1,11 +1,13 @@
-"""The two PipeWire parameters the guest's virtual output publishes, as SPA POD bytes.
+"""The PipeWire parameters the guest's virtual devices publish, as SPA POD bytes.
 
 PipeWire takes a node's parameters as SPA PODs: little binary records of
 (size, type, body) with every body padded to 8 bytes. libspa builds them with
 inline C functions, which a binding in cffi's ABI mode cannot call, and the
-two objects needed here are small and fixed in shape, so they are written
-out here: the raw audio format the virtual output takes (`audio_format`)
-and the latency of the path behind it (`playback_latency`). Pure functions,
+objects needed here are small and fixed in shape, so they are written
+out here: the raw audio format the virtual devices take or give
+(`audio_format`) and the latency of the path behind them
+(`playback_latency` to the host's speakers, `capture_latency` from the
+host's microphone). Pure functions,
 checked byte by byte against what libspa 0.3.65's own builders produce
 (tests/test_spa_pod.py).
 
@@ -54,8 +56,11 @@ _LATENCY_MIN_RATE: Final = 4
 _LATENCY_MAX_RATE: Final = 5
 _LATENCY_MIN_NS: Final = 6
 _LATENCY_MAX_NS: Final = 7
-#: enum spa_direction: a sink's input port reports the latency downstream of it.
+#: enum spa_direction: a sink's input port reports the latency downstream of
+#: it (to the speakers), a source's output port the latency upstream of it
+#: (since the sound was made).
 DIRECTION_INPUT: Final = 0
+DIRECTION_OUTPUT: Final = 1
 
 _SAMPLE_FORMATS: Final = {
     SampleFormat.S16LE: 0x103,
@@ -139,13 +144,22 @@ def playback_latency(latency_ns: int) -> bytes:
 
     Only the nanosecond part is set (min = max): the path behind qvaudio's
     virtual output is measured in time, not in graph quanta or samples."""
+    return _latency(DIRECTION_INPUT, latency_ns)
+
+
+def capture_latency(latency_ns: int) -> bytes:
+    """A Latency parameter for a source's output: `latency_ns` since the microphone heard it."""
+    return _latency(DIRECTION_OUTPUT, latency_ns)
+
+
+def _latency(direction: int, latency_ns: int) -> bytes:
     if not 0 <= latency_ns <= MAX_LATENCY_NS:
         raise ValueError(f"latency {latency_ns} ns is outside 0..{MAX_LATENCY_NS}")
     return _object(
         _OBJECT_LATENCY,
         PARAM_LATENCY,
         [
-            _prop(_LATENCY_DIRECTION, _id(DIRECTION_INPUT)),
+            _prop(_LATENCY_DIRECTION, _id(direction)),
             _prop(_LATENCY_MIN_QUANTUM, _float(0.0)),
             _prop(_LATENCY_MAX_QUANTUM, _float(0.0)),
             _prop(_LATENCY_MIN_RATE, _int(0)),

@@ -1,5 +1,5 @@
 /* The part of libpipewire-0.3 (0.3.x ABI) that qvaudio's virtual output uses:
- * a thread loop and one pw_stream published as an Audio/Sink node. Layouts
+ * a thread loop and a pw_stream published as an Audio/Sink or Audio/Source node. Layouts
  * as in pipewire/stream.h and spa/buffer/buffer.h of 0.3.65 (checked once
  * against gcc's sizeof/offsetof of the real headers: pw_stream_events 96,
  * pw_buffer 32, spa_buffer 24, spa_data 40 with data at 24 and chunk at 32);
@@ -64,5 +64,7 @@ int pw_stream_connect(struct pw_stream *stream, int direction, uint32_t target_i
 int pw_stream_update_params(struct pw_stream *stream, const struct spa_pod **params,
 		uint32_t n_params);
 uint32_t pw_stream_get_node_id(struct pw_stream *stream);
+int pw_stream_set_control(struct pw_stream *stream, uint32_t id, uint32_t n_values,
+		float *values, ...);
 struct pw_buffer *pw_stream_dequeue_buffer(struct pw_stream *stream);
 int pw_stream_queue_buffer(struct pw_stream *stream, struct pw_buffer *buffer);

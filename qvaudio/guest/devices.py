@@ -14,11 +14,13 @@ keeps the virtual output suspended while no application plays into it (see
 `qvaudio.core.guest_session.IdleMethod`): it is the first to hear that a stream
 appeared, so resuming there adds no hop through the main loop.
 
-On PipeWire the virtual output is a node the agent owns
-(`qvaudio.pulse.pipewire_node.SinkNode`) rather than a null sink, so that
-applications' latency queries include the path behind it
-(`GuestDevices.publish_latency`); if PipeWire cannot be reached that way, a
-null sink as on PulseAudio, and a warning.
+On PipeWire both devices are nodes the agent owns
+(`qvaudio.pulse.pipewire_node`: the output a `SinkNode` rather than a null
+sink, the microphone a `SourceNode` the agent feeds rather than a remapped
+null sink's monitor), so that applications' latency queries include the
+path behind them (`GuestDevices.publish_latency`,
+`publish_capture_latency`); if PipeWire cannot be reached that way, the
+modules' devices as on PulseAudio, and a warning.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from qvaudio.core.formats import AudioFormat
 from qvaudio.core.guest_idle import IdleMethod, idle_method, sink_suspension
 from qvaudio.pulse import devices as pulse_devices
 from qvaudio.pulse.devices import Pulse
-from qvaudio.pulse.pipewire_node import PipeWireError, SinkNode
+from qvaudio.pulse.pipewire_node import PipeWireError, SinkNode, SourceNode
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +115,10 @@ class GuestDevices:
         self.state_file = state_file or runtime_path("guest-defaults.json")
         self.previous_sink: str | None = None
         self.previous_source: str | None = None
-        # The watcher's thread makes and replaces the node; the main loop
-        # publishes latencies on it.
-        self._node_lock = threading.Lock()
-        self._node: SinkNode | None = None
-        self._latency_ns = 0
-        self._node_failure_logged = False
+        # The watcher's thread makes and replaces the nodes; the main loop
+        # publishes latencies on them and feeds the microphone's.
+        self._output = _NodeSlot("virtual output")
+        self._mic = _NodeSlot("virtual microphone")
 
     @property
     def names(self) -> tuple[str, str]:
@@ -127,15 +127,18 @@ class GuestDevices:
     def setup(self, pulse: Pulse) -> None:
         """Create (or adopt) both devices and make them the defaults."""
         spec = self.spec
-        if not self._ensure_node(pulse):
+        if not self._ensure_node(pulse, self._output, SinkNode, spec.sink_name,
+                                 spec.sink_description, spec.sink_format):  # fmt: skip
             # PulseAudio: a latency offset would be set on the sink's active
             # port, and a null sink has none; the path stays unreported there.
             pulse_devices.ensure_null_sink(
                 pulse, spec.sink_name, spec.sink_description, spec.sink_format
             )
-        pulse_devices.ensure_virtual_source(
-            pulse, spec.source_name, spec.source_description, spec.source_format
-        )
+        if not self._ensure_node(pulse, self._mic, SourceNode, spec.source_name,
+                                 spec.source_description, spec.source_format):  # fmt: skip
+            pulse_devices.ensure_virtual_source(
+                pulse, spec.source_name, spec.source_description, spec.source_format
+            )
         self._remember_defaults(pulse)
         pulse_devices.set_default_sink(pulse, spec.sink_name)
         pulse_devices.set_default_source(pulse, spec.source_name)
@@ -143,76 +146,92 @@ class GuestDevices:
     @property
     def reports_latency(self) -> bool:
         """The virtual output tells applications the path behind it (a live node)."""
-        node = self._node
-        return node is not None and node.alive
+        return self._output.live
 
-    def _ensure_node(self, pulse: Pulse) -> bool:
-        """On PipeWire, make the virtual output our node (again, if the last one died).
+    @property
+    def reports_capture_latency(self) -> bool:
+        """The virtual microphone tells recording applications the path before it."""
+        return self._mic.live
 
-        False: a null sink it is (PulseAudio, not wanted, or PipeWire would not take it)."""
-        spec = self.spec
-        if not spec.report_latency:
+    def _ensure_node(
+        self,
+        pulse: Pulse,
+        slot: _NodeSlot,
+        kind: type[SinkNode] | type[SourceNode],
+        name: str,
+        description: str,
+        fmt: AudioFormat,
+    ) -> bool:
+        """On PipeWire, make a virtual device our node (again, if the last one died).
+
+        False: a module's device it is (PulseAudio, not wanted, or PipeWire
+        would not take the node)."""
+        if not self.spec.report_latency:
             return False
         if idle_method(str(pulse.server_info().server_name)) is not IdleMethod.PASSIVE_MONITOR:
             return False
-        if self.reports_latency and pulse_devices.find_sink(pulse, spec.sink_name) is not None:
+        find = pulse_devices.find_sink if kind is SinkNode else pulse_devices.find_source
+        node = slot.node
+        if node is not None and node.alive and find(pulse, name) is not None:
             return True
-        # A null sink of ours left from a run that could not make the node.
-        pulse_devices.remove_owned_modules(pulse, [spec.sink_name])
+        if node is not None and node.format is not None:
+            fmt = node.format  # a microphone node remade in the format agreed since
+        # A null sink (or remapped monitor) of ours from a run without the node.
+        pulse_devices.remove_owned_modules(pulse, [name])
         try:
-            node = SinkNode.open(
-                spec.sink_name, spec.sink_description, spec.sink_format,
-                remote=spec.pipewire_remote,
-            )  # fmt: skip
+            node = kind.open(name, description, fmt, remote=self.spec.pipewire_remote)
         except PipeWireError as exc:
-            self._node_failed(f"PipeWire would not take it: {exc}")
+            slot.failed(f"PipeWire would not take it: {exc}")
             return False
-        if not _wait_for_sink(pulse, spec.sink_name, NODE_VISIBLE_S):
+        if not _wait_for(lambda: find(pulse, name) is not None, NODE_VISIBLE_S):
             # Another PipeWire than the one behind this pulse server (a
-            # session default that is not ours): not our virtual output.
+            # session default that is not ours): not our virtual device.
             node.close()
-            self._node_failed(f"the node did not appear in the audio server within "
-                              f"{NODE_VISIBLE_S:.0f} s (another PipeWire?)")  # fmt: skip
+            slot.failed(f"the node did not appear in the audio server within "
+                        f"{NODE_VISIBLE_S:.0f} s (another PipeWire?)")  # fmt: skip
             return False
-        with self._node_lock:
-            old, self._node = self._node, node
-            latency_ns = self._latency_ns
-        if old is not None:
-            old.close()
-        if latency_ns:
-            self._set_node_latency(node, latency_ns)
-        log.info("virtual output %s is a PipeWire node reporting the latency behind it",
-                 spec.sink_name)  # fmt: skip
-        self._node_failure_logged = False
+        slot.install(node)
+        log.info("%s %s is a PipeWire node reporting the latency behind it", slot.what, name)
         return True
-
-    def _node_failed(self, reason: str) -> None:
-        if not self._node_failure_logged:
-            log.warning("virtual output as a null sink, applications will not be told the "
-                        "latency behind it: %s", reason)  # fmt: skip
-            self._node_failure_logged = True
 
     def publish_latency(self, latency_ns: int) -> None:
         """Tell applications that what they play is heard `latency_ns` after it leaves the
         virtual output (kept for a node made later). Any thread."""
-        with self._node_lock:
-            self._latency_ns = latency_ns
-            node = self._node
-        if node is not None and node.alive:
-            self._set_node_latency(node, latency_ns)
+        self._output.publish(latency_ns)
 
-    def _set_node_latency(self, node: SinkNode, latency_ns: int) -> None:
+    def publish_capture_latency(self, latency_ns: int) -> None:
+        """Tell recording applications that what they read was heard `latency_ns` before
+        it left the virtual microphone. Any thread."""
+        self._mic.publish(latency_ns)
+
+    def mic_node(self, fmt: AudioFormat) -> SourceNode | None:
+        """The virtual microphone's node, to be fed `fmt`; None when it is a module's device.
+
+        A node made in another format is made again in `fmt` (the agreed
+        capture format was not the first offered): the node only carries
+        audio, PipeWire converts it for each recorder."""
+        node = self._mic.node
+        if not isinstance(node, SourceNode) or not node.alive:
+            return None
+        if node.format == fmt:
+            return node
+        log.info("virtual microphone node made again in %s", fmt.spec())
+        self._mic.close()  # first: two nodes of one name would be two sources
         try:
-            node.set_latency_ns(latency_ns)
+            again = SourceNode.open(
+                self.spec.source_name, self.spec.source_description, fmt,
+                remote=self.spec.pipewire_remote,
+            )  # fmt: skip
         except PipeWireError as exc:
-            log.debug("could not publish the latency: %s", exc)
+            log.warning("cannot make the virtual microphone in %s: %s", fmt.spec(), exc)
+            return None
+        self._mic.install(again)
+        return again
 
     def close_node(self) -> None:
-        """Take the virtual output's node out of PipeWire (idempotent)."""
-        with self._node_lock:
-            node, self._node = self._node, None
-        if node is not None:
-            node.close()
+        """Take the virtual devices' nodes out of PipeWire (idempotent)."""
+        self._output.close()
+        self._mic.close()
 
     def _remember_defaults(self, pulse: Pulse) -> None:
         sink = pulse_devices.get_default_sink(pulse)
@@ -418,13 +437,65 @@ class AudioServerWatcher:
                 log.info("the default devices were not ours during start-up: made ours again")
 
 
-def _wait_for_sink(pulse: Pulse, name: str, timeout: float) -> bool:
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while pulse_devices.find_sink(pulse, name) is None:
+    while not condition():
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
     return True
+
+
+class _NodeSlot:
+    """Where one virtual device's node lives: replaced by the watcher's thread, used by
+    the main loop; the last latency published is kept for a node made later."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._lock = threading.Lock()
+        self.node: SinkNode | SourceNode | None = None
+        self._latency_ns = 0
+        self._failure_logged = False
+
+    @property
+    def live(self) -> bool:
+        node = self.node
+        return node is not None and node.alive
+
+    def install(self, node: SinkNode | SourceNode) -> None:
+        with self._lock:
+            old, self.node = self.node, node
+            latency_ns = self._latency_ns
+        if old is not None:
+            old.close()
+        if latency_ns:
+            self._set(node, latency_ns)
+        self._failure_logged = False
+
+    def failed(self, reason: str) -> None:
+        if not self._failure_logged:
+            log.warning("%s as a module's device, applications will not be told the "
+                        "latency behind it: %s", self.what, reason)  # fmt: skip
+            self._failure_logged = True
+
+    def publish(self, latency_ns: int) -> None:
+        with self._lock:
+            self._latency_ns = latency_ns
+            node = self.node
+        if node is not None and node.alive:
+            self._set(node, latency_ns)
+
+    def _set(self, node: SinkNode | SourceNode, latency_ns: int) -> None:
+        try:
+            node.set_latency_ns(latency_ns)
+        except PipeWireError as exc:
+            log.debug("could not publish the latency of the %s: %s", self.what, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            node, self.node = self.node, None
+        if node is not None:
+            node.close()
 
 
 def restart_sink_clock(server: str | None, sink_name: str) -> None:

@@ -114,6 +114,7 @@ class GuestAgent:
         self.told_ready = False
         self.latency_report = LatencyReport()
         self.reported_latency = ReportedLatency(settings.latency_round_ms)
+        self.reported_capture_latency = ReportedLatency(settings.latency_round_ms)
         self.bytes_sent_before = 0  # by earlier connections
         self.next_tick = 0.0
         self.next_status = 0.0
@@ -382,7 +383,9 @@ class GuestAgent:
         self.workers.want_monitor(fmt, passive=self.idle_method is IdleMethod.PASSIVE_MONITOR)
 
     def _update_mic(self) -> None:
-        self.workers.want_mic(self.mic_format if self._pcm_wanted() else None)
+        self.workers.want_mic(
+            self.mic_format if self._pcm_wanted() else None, self.devices.mic_node
+        )
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -390,9 +393,19 @@ class GuestAgent:
         return session.end_to_end_us(self.settings.period_ms, self.outbox.audio_bytes)
 
     def _publish_latency(self) -> None:
-        """Keep what the virtual output tells applications equal to the path measured."""
+        """Keep what the virtual devices tell applications equal to the paths measured."""
         session = self.session
-        if session is None or not session.streaming:
+        if session is None:
+            return
+        mic = self.workers.mic
+        if mic is not None:
+            capture_us = self.reported_capture_latency.update(
+                session.capture_latency_us(mic.latency_us())
+            )
+            if capture_us is not None:
+                log.debug("virtual microphone reports %.1f ms before it", capture_us / 1000)
+                self.devices.publish_capture_latency(capture_us * 1000)
+        if not session.streaming:
             return
         # Without the monitor's period: PipeWire already counts, in every
         # stream's delay, the graph cycle in which the node takes the audio,
@@ -430,6 +443,11 @@ class GuestAgent:
             # What applications are told is behind the virtual output (None: not told).
             "reported_latency_us": (
                 self.reported_latency.published_us if self.devices.reports_latency else None
+            ),
+            "reported_capture_latency_us": (
+                self.reported_capture_latency.published_us
+                if self.devices.reports_capture_latency
+                else None
             ),
             "bytes_sent": self.bytes_sent_before + (session.bytes_sent if session else 0),
             "dropped_bytes": self.outbox.dropped_audio_bytes,

@@ -3,8 +3,8 @@
 A stream's reads and writes block (`qvaudio.pulse.pcm`), so each stream gets
 a thread: `MonitorReader` records the virtual output's monitor and posts each
 period to the main loop;
-`MicWriter` plays dom0's microphone audio into the virtual microphone's
-backing sink. Threads never touch the loop's state: they `post` to a
+`MicWriter` plays dom0's microphone audio into the virtual microphone
+(its backing sink, or on PipeWire its node). Threads never touch the loop's state: they `post` to a
 `Mailbox`, which wakes the loop's selector through a pipe.
 """
 
@@ -23,8 +23,9 @@ from typing import Final
 from qvaudio.core.formats import AudioFormat
 from qvaudio.core.playout_queue import JitterReserve, PlayoutQueue, ReserveLimits
 from qvaudio.guest.devices import restart_sink_clock
-from qvaudio.pulse.feed import feed
+from qvaudio.pulse.feed import PlaybackStream, feed
 from qvaudio.pulse.pcm import PcmStream, PulseError
+from qvaudio.pulse.pipewire_node import NodeFeed, PipeWireError, SourceNode
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ class MonitorReader:
 
 
 class MicWriter:
-    """Plays microphone PCM from dom0 into the virtual microphone's backing sink.
+    """Plays microphone PCM from dom0 into the virtual microphone: its backing sink, or
+    on PipeWire the microphone's own node (`node`), fed like a playback stream.
 
     As little is kept queued as plays without a gap: one chunk when dom0's
     chunks come on time, 5 ms more after each gap heard (a gap as capture
@@ -235,10 +237,15 @@ class MicWriter:
         sink: str,
         fmt: AudioFormat,
         max_queue_ms: int = 200,
+        node: SourceNode | None = None,
     ) -> None:
         self.format = fmt
         self._server = server
         self._sink = sink
+        self._node = node
+        #: What the stream held after the last write, in microseconds.
+        self._stream_latency_us = 0
+        self._stream: PlaybackStream | None = None
         self._prebuf = fmt.bytes_for_ms(MIC_RESERVE_STEP_MS)
         self._max_bytes = fmt.bytes_for_ms(max_queue_ms)
         self._cond = threading.Condition()
@@ -275,6 +282,13 @@ class MicWriter:
                 "underruns": self._playout.underruns,
                 "late_drops": self._playout.late_drops,
             }
+
+    def latency_us(self) -> int:
+        """How long audio put now waits before an application can read it: the queue
+        and the stream's buffer as of its last write."""
+        with self._cond:
+            queued = self._playout.queued
+        return self.format.duration_us(queued) + self._stream_latency_us
 
     def put(self, pcm: bytes) -> None:
         usable = len(pcm) - len(pcm) % self.format.frame_size
@@ -313,42 +327,58 @@ class MicWriter:
             self._stopping = True
             self._playout.clear()
             self._cond.notify()
+        stream = self._stream
+        if isinstance(stream, NodeFeed):
+            # A write waiting for room in the node's buffer ends now.
+            stream.close()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
-            # The agent keeps this stream open while dom0 is connected, not
-            # just while an application records: an open, underrun stream
-            # costs nothing and keeps the null sink's period short, so the
-            # first microphone audio plays at once (see restart_sink_clock).
-            stream = PcmStream.playback(
-                self._server,
-                self._sink,
-                self.format,
-                APP_NAME,
-                "dom0 microphone",
-                # Small: a backlog beyond it waits in the queue, where it is
-                # cut, not in the server, where it would stay as latency. The
-                # null sink also takes its audio in blocks that grow with
-                # this buffer: at 40 ms and more it ran the stream dry
-                # several times a second (bench/capture_bench.py).
-                tlength_bytes=self.format.bytes_for_ms(MIC_SERVER_BUFFER_MS),
-                # The queue keeps the reserve; the server starts at its first chunk.
-                prebuf_bytes=self._prebuf,
-                props={"application.id": "org.qvaudio.guest"},
-                variable_rate=True,
-            )
-        except PulseError as exc:
+            self._stream = stream = self._open()
+        except (PulseError, PipeWireError) as exc:
             log.warning("cannot feed the virtual microphone: %s", exc)
             return
-        restart_sink_clock(self._server, self._sink)
+        if self._node is None:
+            restart_sink_clock(self._server, self._sink)
+
+        def after_write(latency_us: int, _ran_dry: bool) -> None:
+            self._stream_latency_us = latency_us
+
         try:
-            feed(stream, self._playout, self._cond, lambda: self._stopping, "virtual microphone")
-        except PulseError as exc:
+            feed(stream, self._playout, self._cond, lambda: self._stopping,
+                 "virtual microphone", after_write)  # fmt: skip
+        except (PulseError, PipeWireError) as exc:
             # The audio server went away; the watcher reports that and the
             # agent starts a new writer once the devices are back.
             log.warning("microphone feed stopped: %s", exc)
         finally:
             stream.close()
+
+    def _open(self) -> PlaybackStream:
+        # The agent keeps this stream open while dom0 is connected, not
+        # just while an application records: an open, underrun stream
+        # costs nothing and keeps the null sink's period short, so the
+        # first microphone audio plays at once (see restart_sink_clock).
+        # Small: a backlog beyond it waits in the queue, where it is cut,
+        # not in the server, where it would stay as latency. The null sink
+        # also takes its audio in blocks that grow with this buffer: at 40
+        # ms and more it ran the stream dry several times a second
+        # (bench/capture_bench.py). The queue keeps the reserve; the
+        # stream starts at its first chunk.
+        buffer_bytes = self.format.bytes_for_ms(MIC_SERVER_BUFFER_MS)
+        if self._node is not None:
+            return self._node.feed(buffer_bytes, self._prebuf)
+        return PcmStream.playback(
+            self._server,
+            self._sink,
+            self.format,
+            APP_NAME,
+            "dom0 microphone",
+            tlength_bytes=buffer_bytes,
+            prebuf_bytes=self._prebuf,
+            props={"application.id": "org.qvaudio.guest"},
+            variable_rate=True,
+        )

@@ -25,12 +25,14 @@ application's stream keeps the graph running (`qvaudio.core.guest_idle`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from qvaudio.common.config import GuestSettings
 from qvaudio.core.formats import AudioFormat
 from qvaudio.guest.pcm_threads import Mailbox, MicWriter, MonitorReader
 from qvaudio.pulse.devices import backing_sink_name
+from qvaudio.pulse.pipewire_node import SourceNode
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,19 @@ class PcmWorkers:
                 passive=passive,
             )
 
-    def want_mic(self, fmt: AudioFormat | None) -> None:
-        """Play dom0's microphone into the virtual microphone in `fmt`; None: not at all."""
+    def want_mic(
+        self, fmt: AudioFormat | None, node: Callable[[AudioFormat], SourceNode | None]
+    ) -> None:
+        """Play dom0's microphone into the virtual microphone in `fmt`; None: not at all.
+
+        `node(fmt)` is the microphone's PipeWire node to feed, if it is one."""
         current = self.mic
         if current is not None and current.format != fmt:
             current.stop()
             self.mic = current = None
         if fmt is not None and current is None:
-            self.mic = MicWriter(self._server, backing_sink_name(self._settings.source_name), fmt)
+            sink = backing_sink_name(self._settings.source_name)
+            self.mic = MicWriter(self._server, sink, fmt, node=node(fmt))
 
     def delivered(self, reader: MonitorReader) -> bool:
         """`reader` delivered audio: True if it is the current monitor (and so works)."""

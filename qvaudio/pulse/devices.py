@@ -76,7 +76,8 @@ def find_sink(pulse: Pulse, name: str) -> Any | None:
     return None
 
 
-def _find_source(pulse: Pulse, name: str) -> Any | None:
+def find_source(pulse: Pulse, name: str) -> Any | None:
+    """The source called `name`, or None."""
     for source in pulse.source_list():
         if source.name == name:
             return source
@@ -122,7 +123,7 @@ def ensure_virtual_source(pulse: Pulse, name: str, description: str, fmt: AudioF
         f"source_properties={_quote_description(description)}"
     )
     kind = ("source", "virtual source")
-    return _ensure(pulse, kind, name, REMAP_SOURCE_MODULE, args, _find_source)
+    return _ensure(pulse, kind, name, REMAP_SOURCE_MODULE, args, find_source)
 
 
 def _ensure(
@@ -211,7 +212,7 @@ def set_default_source(pulse: Pulse, name: str) -> None:
 
 def source_output_count(pulse: Pulse, source_name: str) -> int:
     """How many record streams are attached to `source_name`: > 0 means someone is recording."""
-    source = _find_source(pulse, source_name)
+    source = find_source(pulse, source_name)
     if source is None:
         raise LookupError(f"no source named {source_name}")
     return sum(1 for out in pulse.source_output_list() if out.source == source.index)
@@ -225,7 +226,7 @@ def sink_state(pulse: Pulse, name: str) -> DeviceState:
 
 
 def source_state(pulse: Pulse, name: str) -> DeviceState:
-    source = _find_source(pulse, name)
+    source = find_source(pulse, name)
     if source is None:
         raise LookupError(f"no source named {name}")
     return DeviceState(source.state._value)

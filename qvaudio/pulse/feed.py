@@ -15,9 +15,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from qvaudio.core.playout_queue import PlayoutQueue
-from qvaudio.pulse.pcm import PcmStream
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,24 @@ log = logging.getLogger(__name__)
 IDLE_WAKE_S = 0.5
 
 
+class PlaybackStream(Protocol):
+    """What `feed` writes into: a libpulse playback stream (`qvaudio.pulse.pcm.PcmStream`)
+    or the writing end of a PipeWire source node (`pipewire_node.NodeFeed`)."""
+
+    @property
+    def rate(self) -> int: ...
+    @property
+    def underflows(self) -> int: ...
+    @property
+    def last_underflow_at(self) -> float: ...
+    def write(self, pcm: bytes) -> None: ...
+    def latency_us(self) -> int: ...
+    def set_rate(self, rate: int) -> None: ...
+    def close(self) -> None: ...
+
+
 def feed(
-    stream: PcmStream,
+    stream: PlaybackStream,
     playout: PlayoutQueue,
     cond: threading.Condition,
     stopping: Callable[[], bool],
@@ -38,7 +54,7 @@ def feed(
     `cond` guards `playout`; whoever `put`s into it notifies `cond`.
     `after_write(latency_us, ran_dry)` is called after every write, with
     the stream's latency and whether the queue was empty after it. Raises
-    `PulseError` when the stream fails."""
+    the stream's error (`PulseError`, `PipeWireError`) when it fails."""
     if playout.matcher.rate != stream.rate:
         stream.set_rate(playout.matcher.rate)  # the drift learned before
     underflows = stream.underflows

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Mapping
 from importlib import resources
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Self
 
 import cffi
 
@@ -44,15 +44,22 @@ log = logging.getLogger(__name__)
 SONAME: Final = "libpipewire-0.3.so.0"
 #: How long `open` waits for the server to take the node.
 OPEN_TIMEOUT_S: Final = 5.0
+#: A source's first cycle, before the graph says how much it wants (1024 s16 stereo frames).
+DEFAULT_CYCLE_BYTES: Final = 4096
+#: A full feed looks at the node this often, in case it went away.
+WRITE_WAKE_S: Final = 0.1
 
 _PW_VERSION_STREAM_EVENTS: Final = 2
 _PW_DIRECTION_INPUT: Final = 0
+_PW_DIRECTION_OUTPUT: Final = 1
+_SPA_PROP_RATE: Final = 0x10C
 _PW_ID_ANY: Final = 0xFFFFFFFF
 _PW_STREAM_FLAG_AUTOCONNECT: Final = 1 << 0
 _PW_STREAM_FLAG_MAP_BUFFERS: Final = 1 << 2
 _STATE_ERROR: Final = -1
 _STATE_UNCONNECTED: Final = 0
 _STATE_PAUSED: Final = 2
+_STATE_STREAMING: Final = 3
 _STATE_NAMES: Final = {-1: "error", 0: "unconnected", 1: "connecting", 2: "paused", 3: "streaming"}
 
 ffi: Final = cffi.FFI()
@@ -109,7 +116,7 @@ def _callback_failed(exc_type: Any, value: Any, _tb: Any) -> None:
 
 @ffi.callback("void(void *, int, int, const char *)", onerror=_callback_failed)
 def _on_state(data: Any, _old: int, state: int, error: Any) -> None:
-    node: SinkNode = ffi.from_handle(data)
+    node: _Node = ffi.from_handle(data)
     node._state = state
     if error != ffi.NULL:
         text: Any = ffi.string(error)
@@ -119,29 +126,30 @@ def _on_state(data: Any, _old: int, state: int, error: Any) -> None:
 
 @ffi.callback("void(void *)", onerror=_callback_failed)
 def _on_process(data: Any) -> None:
-    # The audio is read from the node's monitor; here the buffers go straight back.
-    node: SinkNode = ffi.from_handle(data)
-    lib = _lib
-    buffer = lib.pw_stream_dequeue_buffer(node._stream)
-    if buffer != ffi.NULL:
-        # One buffer per graph cycle: its size is the cycle's length.
-        node._cycle_bytes = int(buffer.buffer.datas[0].chunk.size)
-        lib.pw_stream_queue_buffer(node._stream, buffer)
+    node: _Node = ffi.from_handle(data)
+    node._process()
 
 
 _EVENTS: Final = ffi.new(
     "struct pw_stream_events *",
-    {"version": _PW_VERSION_STREAM_EVENTS, "state_changed": _on_state, "process": _on_process},
+    {
+        "version": _PW_VERSION_STREAM_EVENTS,
+        "state_changed": _on_state,
+        "process": _on_process,
+    },
 )
 
 
-class SinkNode(Closing):
-    """An `Audio/Sink` node in a PipeWire server, publishing the latency behind it.
+class _Node(Closing):
+    """A PipeWire node of the agent's own, publishing the latency of the path behind it.
 
     `set_latency_ns` and `close` may come from different threads. No `__del__`:
     the node holds a handle to itself, so only the cycle collector could
     finalise it, on whatever thread it runs, the loop's own included, which
     cannot stop itself; whoever opens a node closes it."""
+
+    _MEDIA_CLASS: ClassVar[str]
+    _DIRECTION: ClassVar[int]
 
     def __init__(self) -> None:
         self._loop: Any = ffi.NULL
@@ -157,6 +165,7 @@ class SinkNode(Closing):
         # Between `close` freeing the loop and a latency update using it.
         self._lifetime = threading.Lock()
         self.name = ""
+        self.format: AudioFormat | None = None
 
     @classmethod
     def open(
@@ -167,8 +176,9 @@ class SinkNode(Closing):
         *,
         remote: str | None = None,
         timeout: float = OPEN_TIMEOUT_S,
-    ) -> SinkNode:
-        """Create the node `name` taking `fmt`; `PipeWireError` if the server does not take it.
+    ) -> Self:
+        """Create the node `name` taking or giving `fmt`; `PipeWireError` if the server
+        does not take it.
 
         `remote` names the PipeWire socket (libpipewire's default otherwise:
         `$PIPEWIRE_REMOTE`, then `pipewire-0` in the runtime directory)."""
@@ -180,18 +190,25 @@ class SinkNode(Closing):
             raise
         return node
 
+    def _latency_pod(self, latency_ns: int) -> bytes:
+        raise NotImplementedError
+
+    def _process(self) -> None:
+        raise NotImplementedError
+
     def _open(
         self, name: str, description: str, fmt: AudioFormat, remote: str | None, timeout: float
     ) -> None:
         lib = _load()
         self.name = name
+        self.format = fmt
         self._frame_size = fmt.frame_size
         self._loop = lib.pw_thread_loop_new(b"qvaudio-pw", ffi.NULL)
         if self._loop == ffi.NULL:
             raise PipeWireError(ffi.errno, "cannot create a PipeWire thread loop")
         props = {
             "media.type": "Audio",
-            "media.class": "Audio/Sink",
+            "media.class": self._MEDIA_CLASS,
             "node.name": name,
             "node.description": description,
             # Applications and the session manager see a device, not a stream.
@@ -212,10 +229,10 @@ class SinkNode(Closing):
             )  # fmt: skip
             if self._stream == ffi.NULL:
                 raise PipeWireError(ffi.errno, f"cannot create the PipeWire node {name!r}")
-            params, _keep_params = _params(spa_pod.audio_format(fmt), spa_pod.playback_latency(0))
+            params, _keep_params = _params(spa_pod.audio_format(fmt), self._latency_pod(0))
             check(
                 lib.pw_stream_connect(
-                    self._stream, _PW_DIRECTION_INPUT, _PW_ID_ANY,
+                    self._stream, self._DIRECTION, _PW_ID_ANY,
                     _PW_STREAM_FLAG_AUTOCONNECT | _PW_STREAM_FLAG_MAP_BUFFERS, params, 2,
                 ),
                 f"cannot connect the PipeWire node {name!r}",
@@ -251,8 +268,13 @@ class SinkNode(Closing):
         return not self._closed and self._state not in (_STATE_ERROR, _STATE_UNCONNECTED)
 
     @property
+    def streaming(self) -> bool:
+        """The graph runs the node: something plays into it, or records from it."""
+        return not self._closed and self._state == _STATE_STREAMING
+
+    @property
     def cycle_frames(self) -> int:
-        """Frames the node took in its last graph cycle (0 before any audio)."""
+        """Frames the node took or gave in its last graph cycle (0 before any audio)."""
         return self._cycle_bytes // self._frame_size
 
     @property
@@ -261,10 +283,10 @@ class SinkNode(Closing):
         return self._latency_ns
 
     def set_latency_ns(self, latency_ns: int) -> None:
-        """Report `latency_ns` from this node to the speakers to everything that plays into it."""
+        """Report `latency_ns` as the path behind this node, to everything linked to it."""
         if latency_ns == self._latency_ns:
             return
-        params, _keep = _params(spa_pod.playback_latency(latency_ns))
+        params, _keep = _params(self._latency_pod(latency_ns))
         lib = _load()
         with self._lifetime:
             if self._closed or self._stream == ffi.NULL:
@@ -294,6 +316,202 @@ class SinkNode(Closing):
                 self._stream = ffi.NULL
             lib.pw_thread_loop_destroy(self._loop)
             self._loop = ffi.NULL
+
+
+class SinkNode(_Node):
+    """An `Audio/Sink` node: its `Latency` is the path from it to the host's speakers."""
+
+    _MEDIA_CLASS = "Audio/Sink"
+    _DIRECTION = _PW_DIRECTION_INPUT
+
+    def _latency_pod(self, latency_ns: int) -> bytes:
+        return spa_pod.playback_latency(latency_ns)
+
+    def _process(self) -> None:
+        # The audio is read from the node's monitor; here the buffers go straight back.
+        lib = _lib
+        buffer = lib.pw_stream_dequeue_buffer(self._stream)
+        if buffer != ffi.NULL:
+            # One buffer per graph cycle: its size is the cycle's length.
+            self._cycle_bytes = int(buffer.buffer.datas[0].chunk.size)
+            lib.pw_stream_queue_buffer(self._stream, buffer)
+
+
+class SourceNode(_Node):
+    """An `Audio/Source` node the agent feeds: its `Latency` is the path from the host's
+    microphone to it.
+
+    Applications record from it; the agent writes into it through `feed`,
+    which behaves like a playback stream of a given buffer and prebuffer
+    (`qvaudio.pulse.feed` drives both alike). Each graph cycle takes what
+    is buffered; nothing fed, or not yet the prebuffer, is silence. A cycle
+    that finds less than it needs after playing is an underflow, counted
+    and timed as the server would, and the next audio waits for the
+    prebuffer again."""
+
+    _MEDIA_CLASS = "Audio/Source"
+    _DIRECTION = _PW_DIRECTION_OUTPUT
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition()
+        self._ring = bytearray()
+        self._feed: NodeFeed | None = None
+        self._playing = False
+        self.underflows = 0
+        self.last_underflow_at = 0.0
+        self._zeros = b""
+
+    def _latency_pod(self, latency_ns: int) -> bytes:
+        return spa_pod.capture_latency(latency_ns)
+
+    def feed(self, buffer_bytes: int, prebuf_bytes: int) -> NodeFeed:
+        """Start feeding the node: the stream-like end a writer uses (one at a time)."""
+        with self._cond:
+            if self._feed is not None:
+                self._feed.close_locked()
+            self._ring.clear()
+            self._playing = False
+            self._feed = NodeFeed(self, buffer_bytes, prebuf_bytes)
+            return self._feed
+
+    def _process(self) -> None:
+        lib = _lib
+        buffer = lib.pw_stream_dequeue_buffer(self._stream)
+        if buffer == ffi.NULL:
+            return
+        data = buffer.buffer.datas[0]
+        if data.data != ffi.NULL:
+            frame = self._frame_size
+            want = int(buffer.requested) * frame or self._cycle_bytes or DEFAULT_CYCLE_BYTES
+            want = min(want, int(data.maxsize)) // frame * frame
+            pcm = self._take(want)
+            out = ffi.cast("uint8_t *", data.data)
+            ffi.memmove(out, pcm, len(pcm))
+            if len(pcm) < want:
+                if len(self._zeros) < want:
+                    self._zeros = bytes(want)
+                ffi.memmove(out + len(pcm), self._zeros, want - len(pcm))
+            chunk = data.chunk
+            chunk.offset = 0
+            chunk.size = want
+            chunk.stride = frame
+            self._cycle_bytes = want
+        lib.pw_stream_queue_buffer(self._stream, buffer)
+
+    def _take(self, want: int) -> bytes:
+        """Up to `want` bytes of what was fed, for one graph cycle."""
+        with self._cond:
+            feed = self._feed
+            if feed is None:
+                return b""
+            ring = self._ring
+            if not self._playing and len(ring) >= feed.prebuf_bytes and ring:
+                self._playing = True
+            if not self._playing:
+                return b""
+            pcm = bytes(ring[:want])
+            del ring[:want]
+            if len(pcm) < want:
+                self.underflows += 1
+                self.last_underflow_at = time.monotonic()
+                self._playing = False
+            self._cond.notify_all()
+            return pcm
+
+    def _set_rate_ratio(self, ratio: float) -> None:
+        with self._lifetime:
+            if self._closed or self._stream == ffi.NULL:
+                raise PipeWireError(errno_mod.EBADF, f"the node {self.name!r} is closed")
+            lib = _load()
+            lib.pw_thread_loop_lock(self._loop)
+            try:
+                # A client's stream gets no rate-match area from the server
+                # (only clock and position): the stream's resampler control it is.
+                value = ffi.new("float *", ratio)
+                check(
+                    lib.pw_stream_set_control(
+                        self._stream, _SPA_PROP_RATE, 1, value, ffi.cast("int", 0)
+                    ),
+                    f"cannot set the rate of {self.name!r}",
+                )
+            finally:
+                lib.pw_thread_loop_unlock(self._loop)
+
+
+class NodeFeed(Closing):
+    """The writing end of a `SourceNode`, shaped like a playback stream for `feed`.
+
+    `write` blocks while the buffer is full, as a stream's write does. While
+    nothing records from the node the graph does not run it: then the
+    buffer keeps the newest audio, and writes are paced at the audio's own
+    speed, so a recorder that comes gets the latest sound at once."""
+
+    def __init__(self, node: SourceNode, buffer_bytes: int, prebuf_bytes: int) -> None:
+        fmt = node.format
+        assert fmt is not None
+        self._node = node
+        self.format = fmt
+        self.rate = fmt.rate
+        self.buffer_bytes = max(buffer_bytes, fmt.frame_size)
+        self.prebuf_bytes = min(max(prebuf_bytes, 0), self.buffer_bytes)
+        self._closed = False
+
+    @property
+    def underflows(self) -> int:
+        return self._node.underflows
+
+    @property
+    def last_underflow_at(self) -> float:
+        return self._node.last_underflow_at
+
+    def write(self, pcm: bytes) -> None:
+        node = self._node
+        paced = False
+        with node._cond:
+            while True:
+                if self._closed:
+                    raise PipeWireError(errno_mod.EBADF, f"the feed of {node.name!r} is closed")
+                if not node.alive:
+                    raise PipeWireError(errno_mod.EPIPE, f"PipeWire dropped the node {node.name!r}")
+                ring = node._ring
+                if len(ring) + len(pcm) <= self.buffer_bytes:
+                    ring += pcm
+                    break
+                if not node.streaming:
+                    del ring[: len(ring) + len(pcm) - self.buffer_bytes]
+                    ring += pcm
+                    paced = True
+                    break
+                node._cond.wait(WRITE_WAKE_S)
+        if paced:
+            time.sleep(len(pcm) / self.format.bytes_per_second)
+
+    def latency_us(self) -> int:
+        """How long what is buffered now takes to be recorded, with the cycle in progress."""
+        node = self._node
+        with node._cond:
+            buffered = len(node._ring)
+        return (buffered + node._cycle_bytes) * 1_000_000 // self.format.bytes_per_second
+
+    def set_rate(self, rate: int) -> None:
+        """Take the audio as if it came at `rate` Hz: a little over its rate drains the buffer."""
+        # PipeWire's rate control is the inverse: above 1 the node takes less per cycle.
+        self._node._set_rate_ratio(self.format.rate / rate)
+        self.rate = rate
+
+    def close_locked(self) -> None:
+        self._closed = True
+        self._node._ring.clear()
+        self._node._playing = False
+        self._node._cond.notify_all()
+        if self._node._feed is self:
+            self._node._feed = None
+
+    def close(self) -> None:
+        with self._node._cond:
+            if not self._closed:
+                self.close_locked()
 
 
 def _params(*pods: bytes) -> tuple[Any, list[Any]]:
