@@ -3,6 +3,7 @@ qvaudio beside a `parec | pacat` bridge and PulseAudio's module-tunnel-source,
 in one run.
 
     .venv/bin/python -m bench.capture_bench [--impulses 100] [--first-audio-trials 5]
+        [--vm-server pulseaudio|pipewire] [--methods qvaudio,qvaudio_no_node,...]
 
 For each method, a fresh "VM" and "host" PulseAudio pair (private daemons).
 The host's "microphone" is its default source, made the monitor of its null
@@ -13,6 +14,10 @@ recording the VM's *default* source, which each method sets up:
   policy with `capture: allow`; the VM's default source is the guest's
   virtual microphone (qvaudio_mic), and dom0 records the host's default
   source once the application opens it.
+* qvaudio_no_node: the same with the guest's `--no-report-latency`: on a
+  PipeWire VM its devices are then a null sink and a remapped monitor, as
+  on PulseAudio, instead of the agent's own nodes (on a PulseAudio VM the
+  same as qvaudio).
 * parec_pacat: `parec` on the host monitor (--latency-msec=10) piped into
   `pacat` (--latency-msec=20) playing into the VM's null sink, whose monitor
   is made the VM's default source (bench/pipeline.py's bridge, reversed).
@@ -113,6 +118,7 @@ from bench.pipeline import (
     machine,
     pactl,
     play,
+    vm_server,
     wait_for,
     write_policy,
 )
@@ -121,7 +127,7 @@ from qvaudio.pulse.pcm import PcmStream, PulseError
 from qvaudio.pulse.private import SINK, PrivatePulse
 from tests.stalls import StallMonitor
 
-METHODS = ("qvaudio", "parec_pacat", "tunnel_source")
+METHODS = ("qvaudio", "qvaudio_no_node", "parec_pacat", "tunnel_source")
 VM_NAME = "bench-vm"
 GUEST_SOURCE = "qvaudio_mic"
 TUNNEL_SOURCE = "tunnel_mic"
@@ -145,7 +151,7 @@ def default_source(server: PrivatePulse) -> str:
 # -- the three methods ------------------------------------------------------------------------
 
 
-def _setup_qvaudio(route: Route, root: Path) -> None:
+def _setup_qvaudio(route: Route, root: Path, *guest_args: str) -> None:
     """Both agents; returns once dom0 serves the VM and its microphone is the VM's default."""
     vm_dir, policy_dir = root / "vms", root / "policy"
     for d in (vm_dir, policy_dir):
@@ -164,9 +170,11 @@ def _setup_qvaudio(route: Route, root: Path) -> None:
     ))  # fmt: skip
     route.procs.append(_agent(
         "qvaudio.agent_guest",
-        [*config, "--transport", f"unix:{vm_dir / VM_NAME}"],
+        [*config, "--transport", f"unix:{vm_dir / VM_NAME}", *guest_args],
         route.vm.full_env(), route.logs[1],
     ))  # fmt: skip
+    if guest_args:
+        route.settings["guest"] = " ".join(guest_args)
     wait_for(
         "the guest's microphone as the VM's default source",
         lambda: _quiet(lambda: default_source(route.vm) == GUEST_SOURCE),
@@ -223,8 +231,14 @@ def _setup_tunnel(route: Route, root: Path) -> None:
     pactl(route.vm, "set-default-source", TUNNEL_SOURCE)
 
 
+def _setup_qvaudio_no_node(route: Route, root: Path) -> None:
+    """qvaudio with the guest's devices made by modules (on PipeWire: without its nodes)."""
+    _setup_qvaudio(route, root, "--no-report-latency")
+
+
 _SETUP: dict[str, Callable[[Route, Path], None]] = {
     "qvaudio": _setup_qvaudio,
+    "qvaudio_no_node": _setup_qvaudio_no_node,
     "parec_pacat": _setup_bridge,
     "tunnel_source": _setup_tunnel,
 }
@@ -236,12 +250,13 @@ def running(
     base: Path,
     label: str,
     setup: Callable[[Route, Path], None] | None = None,
+    vm_kind: str = "pulseaudio",
 ) -> Iterator[Route]:
     """A fresh VM/host pair, the host's default source its sink monitor, joined by `method`
     (or by `setup`, another bench's, which also says what `route.vm_monitor` is)."""
     root = base / label
     root.mkdir(mode=0o700, parents=True)
-    route = Route(method, PrivatePulse(root, "vm"), PrivatePulse(root, "host"), "")
+    route = Route(method, vm_server(root, vm_kind), PrivatePulse(root, "host"), "")
     try:
         route.vm.start()
         route.host.start()
@@ -574,10 +589,16 @@ def _minus(later: list[float | None], earlier: list[float | None]) -> list[float
 
 
 def measure(
-    method: str, base: Path, label: str, impulses: int, trials: int, tone_s: float
+    method: str,
+    base: Path,
+    label: str,
+    impulses: int,
+    trials: int,
+    tone_s: float,
+    vm_kind: str = "pulseaudio",
 ) -> dict[str, Any]:
     load_before = load_average()
-    with running(method, base, label) as route:
+    with running(method, base, label, vm_kind=vm_kind) as route:
         row: dict[str, Any] = {
             "method": method,
             "settings": route.settings,
@@ -606,6 +627,10 @@ def main() -> None:
         "--tone-seconds", type=float, default=60.0, help="0 skips the steady tone's gap count"
     )
     parser.add_argument(
+        "--vm-server", choices=("pulseaudio", "pipewire"), default="pulseaudio",
+        help="the VM's audio server (the host's is PulseAudio)",
+    )  # fmt: skip
+    parser.add_argument(
         "--methods",
         default=",".join(METHODS),
         help="comma-separated subset of " + ", ".join(METHODS),
@@ -627,6 +652,7 @@ def main() -> None:
         "settings": {
             "impulses": args.impulses,
             "first_audio_trials": args.first_audio_trials,
+            "vm_server": args.vm_server,
             "host_microphone": f"{HOST_MIC} (the host's default source)",
             "vm_application": "a PcmStream record of the VM's default source, 10 ms fragments",
         },
@@ -636,7 +662,7 @@ def main() -> None:
         for i, method in enumerate(methods):
             rows[method] = measure(
                 method, Path(tmp), f"m{i}", args.impulses, args.first_audio_trials,
-                args.tone_seconds,
+                args.tone_seconds, args.vm_server,
             )  # fmt: skip
     out["load_avg_end"] = load_average()
     print(json.dumps(out, indent=2))

@@ -536,7 +536,12 @@ def test_a_recorders_latency_query_counts_the_path_from_the_host_microphone(
         peer.capture_latency_us = 130_000
         wait_for(lambda: recorder.latency_ms() > before + 80, "the older audio, seen by the app")
         after = recorder.latency_ms(samples=30)
-        assert after - before == pytest.approx(100, abs=12), (before, after)
+        # The whole 100 ms reaches the application, and more: a pipewire-pulse
+        # record stream's figure overshoots a change of its source's latency
+        # (the node published exactly +100; the application read +114 to +120
+        # here, and +135 to +145 with no agent at all, a bare node and a
+        # recorder), which the ceiling allows for.
+        assert 88 <= after - before <= 160, (before, after)
     finally:
         if sender is not None:
             sender.join(DEADLINE_S)

@@ -1,14 +1,17 @@
-"""qvaudio's own PipeWire node, against a real PipeWire with pipewire-pulse."""
+"""qvaudio's own PipeWire nodes, against a real PipeWire with pipewire-pulse."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pulsectl
 import pytest
 
+from qvaudio.core import tone
 from qvaudio.core.formats import AudioFormat
-from qvaudio.pulse.pipewire_node import PipeWireError, SinkNode, ffi
+from qvaudio.pulse.pcm import PcmStream
+from qvaudio.pulse.pipewire_node import NodeFeed, PipeWireError, SinkNode, SourceNode, ffi
 from tests.audio_daemons import PipeWireServer
 from tests.waiting import wait_until
 
@@ -56,3 +59,97 @@ def test_a_node_is_a_sink_of_the_pulse_server_until_closed(
 def test_no_server_at_the_remote_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(PipeWireError, match="cannot connect the PipeWire node"):
         SinkNode.open("qvaudio_nowhere", "nowhere", FMT, remote=str(tmp_path / "pipewire-0"))
+
+
+class Feeder:
+    """Writes a tone into a source node's feed from a thread, as the mic writer does."""
+
+    def __init__(self, feed: NodeFeed, seconds: float = 30.0) -> None:
+        self.feed = feed
+        self.error: Exception | None = None
+        self.written = 0
+        self._pcm = tone.generate_sine(700.0, FMT, seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        chunk = FMT.bytes_for_ms(10)
+        try:
+            for start in range(0, len(self._pcm), chunk):
+                if self._stop.is_set():
+                    return
+                self.feed.write(self._pcm[start : start + chunk])
+                self.written += chunk
+        except PipeWireError as exc:
+            if not self._stop.is_set():
+                self.error = exc
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.feed.close()
+        self._thread.join(5)
+
+
+def test_a_source_node_gives_a_recorder_what_it_is_fed(pipewire_server: PipeWireServer) -> None:
+    with SourceNode.open("qvaudio_src_test", "src", FMT, remote=remote(pipewire_server)) as node:
+        feeder = Feeder(node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5)))
+        recorder = PcmStream.record(
+            pipewire_server.server, "qvaudio_src_test", FMT, "node-test", "rec",
+            FMT.bytes_for_ms(10),
+        )  # fmt: skip
+        try:
+            pcm = b"".join(recorder.read(FMT.bytes_for_ms(10)) for _ in range(150))
+        finally:
+            recorder.close()
+            feeder.stop()
+        assert feeder.error is None
+    samples = tone.decode_mono(pcm, FMT, mix=True)
+    onset = tone.find_onset(samples)
+    assert onset is not None, "only silence was recorded"
+    assert tone.estimate_frequency(samples[onset:], FMT.rate) == pytest.approx(700, rel=0.005)
+    assert tone.nonsilent_fraction(samples[onset:], FMT.rate) >= 0.99
+
+
+def test_a_source_nodes_rate_takes_more_of_the_feed_per_cycle(
+    pipewire_server: PipeWireServer,
+) -> None:
+    """The mic writer's rate matching: a rate above the audio's makes the node take
+    more per graph cycle (drains a queue that grows), below it less."""
+    with SourceNode.open("qvaudio_rate_test", "rate", FMT, remote=remote(pipewire_server)) as node:
+        feed = node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5))
+        feeder = Feeder(feed)
+        recorder = PcmStream.record(
+            pipewire_server.server, "qvaudio_rate_test", FMT, "node-test", "rec",
+            FMT.bytes_for_ms(10),
+        )  # fmt: skip
+        reading = threading.Thread(
+            target=lambda: [recorder.read(FMT.bytes_for_ms(10)) for _ in range(400)], daemon=True
+        )
+        reading.start()
+        try:
+            wait_until(lambda: node.cycle_frames > 0, "the graph running the node", 10)
+            nominal = node.cycle_frames
+            feed.set_rate(FMT.rate * 102 // 100)
+            wait_until(lambda: node.cycle_frames > nominal, "more taken per cycle", 10)
+            feed.set_rate(FMT.rate * 98 // 100)
+            wait_until(lambda: node.cycle_frames < nominal, "less taken per cycle", 10)
+        finally:
+            feeder.stop()
+            reading.join(10)
+            recorder.close()
+
+
+def test_a_feed_nobody_records_keeps_the_newest_and_closing_it_ends_writes(
+    pipewire_server: PipeWireServer,
+) -> None:
+    with SourceNode.open("qvaudio_idle_src", "idle", FMT, remote=remote(pipewire_server)) as node:
+        feed = node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5))
+        assert not node.streaming
+        for _ in range(5):  # 50 ms into a 20 ms buffer: paced, not blocked
+            feed.write(bytes(FMT.bytes_for_ms(10)))
+        assert feed.latency_us() <= 20_000 + node.cycle_frames * 1_000_000 // FMT.rate
+        feed.close()
+        feed.close()  # idempotent
+        with pytest.raises(PipeWireError, match="closed"):
+            feed.write(bytes(FMT.bytes_for_ms(10)))

@@ -347,7 +347,7 @@ class SourceNode(_Node):
     is buffered; nothing fed, or not yet the prebuffer, is silence. A cycle
     that finds less than it needs after playing is an underflow, counted
     and timed as the server would, and the next audio waits for the
-    prebuffer again."""
+    prebuffer and a whole cycle again."""
 
     _MEDIA_CLASS = "Audio/Source"
     _DIRECTION = _PW_DIRECTION_OUTPUT
@@ -406,7 +406,11 @@ class SourceNode(_Node):
             if feed is None:
                 return b""
             ring = self._ring
-            if not self._playing and len(ring) >= feed.prebuf_bytes and ring:
+            # A whole cycle on top of the prebuffer: a cycle is longer than
+            # the chunks the writer brings (512 frames against 480 in 10 ms),
+            # so starting on the prebuffer alone would run short every cycle
+            # and put a little silence into each.
+            if not self._playing and len(ring) >= feed.prebuf_bytes + want:
                 self._playing = True
             if not self._playing:
                 return b""
@@ -475,11 +479,14 @@ class NodeFeed(Closing):
                 if not node.alive:
                     raise PipeWireError(errno_mod.EPIPE, f"PipeWire dropped the node {node.name!r}")
                 ring = node._ring
-                if len(ring) + len(pcm) <= self.buffer_bytes:
+                # Room for the prebuffer and a whole graph cycle, whatever the
+                # quantum: a node waiting for them must be able to get them.
+                limit = max(self.buffer_bytes, self.prebuf_bytes + node._cycle_bytes + len(pcm))
+                if len(ring) + len(pcm) <= limit:
                     ring += pcm
                     break
                 if not node.streaming:
-                    del ring[: len(ring) + len(pcm) - self.buffer_bytes]
+                    del ring[: len(ring) + len(pcm) - limit]
                     ring += pcm
                     paced = True
                     break
@@ -496,8 +503,10 @@ class NodeFeed(Closing):
 
     def set_rate(self, rate: int) -> None:
         """Take the audio as if it came at `rate` Hz: a little over its rate drains the buffer."""
-        # PipeWire's rate control is the inverse: above 1 the node takes less per cycle.
-        self._node._set_rate_ratio(self.format.rate / rate)
+        # Above 1 the stream's resampler takes more of the feed per graph cycle
+        # (tests/test_pipewire_node.py measures it).
+        self._node._set_rate_ratio(rate / self.format.rate)
+        log.debug("%s takes its feed at %d Hz", self._node.name, rate)
         self.rate = rate
 
     def close_locked(self) -> None:
