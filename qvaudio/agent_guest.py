@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-report-latency",
         action="store_true",
-        help="on PipeWire, keep a plain null sink as the virtual output: applications are not "
-        "told the latency to dom0's speakers (guest.report_latency: false).",
+        help="on PipeWire, keep a null sink and a remapped monitor as the virtual devices: "
+        "applications are not told the latency to dom0's speakers or from its microphone "
+        "(guest.report_latency: false).",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log more detail (debug messages)."

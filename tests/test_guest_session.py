@@ -138,6 +138,21 @@ def test_microphone_audio_is_handed_to_the_virtual_source() -> None:
     assert h.actions[-1] == MicAudio(SOUND)
 
 
+def test_capture_latency_is_dom0s_part_plus_ours_while_dom0_captures() -> None:
+    h = Harness()
+    h.accept_all()
+    report = Position(received_frames=0, played_frames=0, playback_latency_us=0,
+                      capture_latency_us=12000)  # fmt: skip
+    assert h.session.capture_latency_us(8000) is None, "dom0 has said nothing"
+    h.from_dom0(report)
+    assert h.session.capture_latency_us(8000) is None, "dom0 is not capturing"
+    h.run(h.session.set_mic_users(1, h.now))
+    h.from_dom0(CaptureState(StreamStatus.RUNNING), report)
+    assert h.session.capture_latency_us(8000) == 20000
+    h.from_dom0(CaptureState(StreamStatus.DENIED, "revoked"))
+    assert h.session.capture_latency_us(8000) is None, "revoked: no path to tell"
+
+
 def test_reconnect_with_recorders_present_asks_again() -> None:
     h = Harness()
     h.run(h.session.set_mic_users(1, h.now))  # before the handshake: nothing sent

@@ -352,8 +352,10 @@ class MicWriter:
                  "virtual microphone", after_write)  # fmt: skip
         except (PulseError, PipeWireError) as exc:
             # The audio server went away; the watcher reports that and the
-            # agent starts a new writer once the devices are back.
-            log.warning("microphone feed stopped: %s", exc)
+            # agent starts a new writer once the devices are back. (Or `stop`
+            # closed a node's feed under a waiting write: nothing to report.)
+            log.log(logging.DEBUG if self._stopping else logging.WARNING,
+                    "microphone feed stopped: %s", exc)  # fmt: skip
         finally:
             stream.close()
 
