@@ -285,10 +285,13 @@ class MicWriter:
 
     def latency_us(self) -> int:
         """How long audio put now waits before an application can read it: the queue
-        and the stream's buffer as of its last write."""
+        and the stream's buffer (a node's asked now: right after a write, as the
+        stream's own figure is kept, its buffer is at its fullest)."""
         with self._cond:
             queued = self._playout.queued
-        return self.format.duration_us(queued) + self._stream_latency_us
+        stream = self._stream
+        held = stream.latency_us() if isinstance(stream, NodeFeed) else self._stream_latency_us
+        return self.format.duration_us(queued) + held
 
     def put(self, pcm: bytes) -> None:
         usable = len(pcm) - len(pcm) % self.format.frame_size

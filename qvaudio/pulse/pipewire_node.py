@@ -495,7 +495,9 @@ class NodeFeed(Closing):
             time.sleep(len(pcm) / self.format.bytes_per_second)
 
     def latency_us(self) -> int:
-        """How long what is buffered now takes to be recorded, with the cycle in progress."""
+        """How long audio written now waits before a recorder gets it: what is buffered,
+        and one graph cycle, since the node fills a cycle's buffer outside the graph's
+        thread and PipeWire hands it on in the cycle after (any thread)."""
         node = self._node
         with node._cond:
             buffered = len(node._ring)
