@@ -27,7 +27,9 @@ over the surrounding 2 s of writes, as latency_bench smooths write
 times). Zero means a player would be in sync; qvaudio's error is the part of
 the path its virtual sink does not report (docs/architecture.md,
 "Latency: where it is measured, and where it is reported"). Every click is
-counted. Prints one JSON object.
+counted. Beside it, the host sink's own latency figure sampled every 0.2 s
+(`host_sink_own_latency_ms`): what the test bed's null-sink "speaker"
+hears early (see `SinkLatencySampler`). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pulsectl
 
 from bench.latency_bench import SETTLE_S, impulse_train, onset_times, schedule, stats_ms
 from bench.pipeline import FMT, Recorder, ServerAddress, load_average, run_methods, running
 from qvaudio.pulse.pcm import PcmStream
+from qvaudio.pulse.private import SINK
 
 METHODS = ("qvaudio", "parec_pacat", "tunnel_sink")
+#: How often the host sink's own latency is sampled.
+SINK_LATENCY_EVERY_S = 0.2
 #: Predictions this far either side of a click are smoothed into its own.
 SMOOTH_S = 1.0
 
@@ -117,6 +123,43 @@ def stall_host(route: Any, after_s: float, stall_ms: int) -> threading.Thread:
     return thread
 
 
+class SinkLatencySampler:
+    """The host sink's own latency figure, sampled while the clicks play.
+
+    The test bed's "speaker" is a null sink's monitor, which gets each block
+    when the sink renders it, while the sink (and so dom0's host stream,
+    and every figure built on it) counts the block as heard only when it
+    would have finished playing on a real card. Sampled in the same run,
+    this is the part of an over-report that the test bed itself makes."""
+
+    def __init__(self, server: ServerAddress, sink: str) -> None:
+        self._server = server.server
+        self._sink = sink
+        self.samples_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sink-latency", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with pulsectl.Pulse("bench-sink-latency", server=self._server) as pulse:
+            while not self._stop.wait(SINK_LATENCY_EVERY_S):
+                sink = pulse.get_sink_by_name(self._sink)
+                self.samples_ms.append(sink.latency / 1000)
+
+    def stop(self) -> dict[str, Any] | None:
+        self._stop.set()
+        self._thread.join(5)
+        if not self.samples_ms:
+            return None
+        ordered = sorted(self.samples_ms)
+        return {
+            "samples": len(ordered),
+            "median": round(statistics.median(ordered), 2),
+            "min": round(ordered[0], 2),
+            "max": round(ordered[-1], 2),
+        }
+
+
 def windows(
     starts: list[int], errors: list[float | None], marks: list[tuple[float, int, float]]
 ) -> list[dict[str, Any]]:
@@ -146,10 +189,12 @@ def measure(
         if host_rec.error is not None:
             raise host_rec.error
         time.sleep(SETTLE_S + 0.5)
+        sink_latency = SinkLatencySampler(route.host, SINK)
         player, marks = stamping_player(route.vm, starts)
         if stall_ms:
             stall_host(route, stall_at_s, stall_ms)
         player.join(len(starts) * 0.4 + 30)
+        host_sink_latency = sink_latency.stop()
         time.sleep(1.0)
         host_rec.stop()
         settings = route.settings
@@ -172,6 +217,7 @@ def measure(
             "min": round(min(reported), 1),
             "max": round(max(reported), 1),
         },
+        "host_sink_own_latency_ms": host_sink_latency,
         "stall": {"at_s": stall_at_s, "ms": stall_ms} if stall_ms else None,
         "per_10_s": windows(starts, errors, marks),
         "per_impulse_heard_minus_predicted_ms": [

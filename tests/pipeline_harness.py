@@ -7,6 +7,7 @@ a listener on the host sink and, optionally, a player in the VM.
 from __future__ import annotations
 
 import array
+import json
 import math
 import signal
 import subprocess
@@ -15,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qvaudio.core.tone import generate_sine
 from qvaudio.pulse.pcm import PcmStream, PulseError
-from tests.audio_daemons import NULL_SINK, PulseAudioServer
+from tests.audio_daemons import NULL_SINK, AudioServer, PulseAudioServer
 from tests.dom0_harness import S16, Dom0
 from tests.waiting import wait_until
 
@@ -84,7 +86,7 @@ class HostListener:
 class VmPlayer:
     """An ordinary application in the VM playing a tone, restarted if it dies."""
 
-    def __init__(self, vm: PulseAudioServer, base: Path) -> None:
+    def __init__(self, vm: AudioServer, base: Path) -> None:
         self.vm = vm
         self.tone = base / "tone.raw"
         self.tone.write_bytes(generate_sine(440, S16, 30.0, amplitude=0.5))
@@ -112,7 +114,7 @@ class VmPlayer:
 
 
 class Guest:
-    def __init__(self, vm: PulseAudioServer, base: Path, socket_path: Path) -> None:
+    def __init__(self, vm: AudioServer, base: Path, socket_path: Path) -> None:
         self.vm, self.base, self.socket_path = vm, base, socket_path
         self.runtime = base / "guest-run"
         self.config = base / "guest.yaml"
@@ -130,6 +132,13 @@ class Guest:
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
+    def status(self) -> dict[str, Any]:
+        """The guest's status file ({} before it is written)."""
+        try:
+            return dict(json.loads((self.runtime / "qvaudio" / "guest-status.json").read_text()))
+        except (FileNotFoundError, ValueError):
+            return {}
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
@@ -145,7 +154,7 @@ class Guest:
 
 
 class Pipeline:
-    def __init__(self, base: Path, vm: PulseAudioServer, host: PulseAudioServer) -> None:
+    def __init__(self, base: Path, vm: AudioServer, host: PulseAudioServer) -> None:
         self.dom0 = Dom0(base, host)
         self.vm, self.host = vm, host
         self.guest = Guest(vm, base, self.dom0.vm_dir / "vm1")
@@ -208,6 +217,21 @@ def idle_pipeline(
     vm_server.ensure_running()
     host_server.ensure_running()
     pipe = Pipeline(tmp_path, vm_server, host_server)
+    try:
+        pipe.start(play=False)
+        yield pipe
+    finally:
+        pipe.close()
+
+
+@pytest.fixture
+def pipewire_idle_pipeline(
+    tmp_path: Path, pipewire_server: AudioServer, host_server: PulseAudioServer
+) -> Iterator[Pipeline]:
+    """Both agents running, the VM's audio server PipeWire (the guest's nodes), idle."""
+    pipewire_server.ensure_running()
+    host_server.ensure_running()
+    pipe = Pipeline(tmp_path, pipewire_server, host_server)
     try:
         pipe.start(play=False)
         yield pipe
