@@ -11,7 +11,15 @@ import pytest
 from qvaudio.core import tone
 from qvaudio.core.formats import AudioFormat
 from qvaudio.pulse.pcm import PcmStream
-from qvaudio.pulse.pipewire_node import NodeFeed, PipeWireError, SinkNode, SourceNode, ffi
+from qvaudio.pulse.pipewire_node import (
+    MIN_SOURCE_VERSION,
+    NodeFeed,
+    PipeWireError,
+    SinkNode,
+    SourceNode,
+    _version_tuple,
+    ffi,
+)
 from tests.audio_daemons import PipeWireServer
 from tests.waiting import wait_until
 
@@ -153,3 +161,10 @@ def test_a_feed_nobody_records_keeps_the_newest_and_closing_it_ends_writes(
         feed.close()  # idempotent
         with pytest.raises(PipeWireError, match="closed"):
             feed.write(bytes(FMT.bytes_for_ms(10)))
+
+
+def test_a_library_before_0_3_49_is_too_old_for_a_source_node() -> None:
+    # pw_buffer.requested, which a source node reads, came in 0.3.49.
+    assert _version_tuple("0.3.48") < MIN_SOURCE_VERSION <= _version_tuple("0.3.49")
+    assert _version_tuple("1.0.5") > MIN_SOURCE_VERSION
+    assert _version_tuple("0.3.65-rc1") == (0, 3, 65)

@@ -21,6 +21,7 @@ struct spa_data {
 	struct spa_chunk *chunk;
 };
 struct spa_buffer { uint32_t n_metas; uint32_t n_datas; void *metas; struct spa_data *datas; };
+/* requested: since 0.3.49 (SourceNode checks the library's version). */
 struct pw_buffer { struct spa_buffer *buffer; void *user_data; uint64_t size; uint64_t requested; };
 
 struct pw_properties;

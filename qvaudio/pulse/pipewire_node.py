@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno as errno_mod
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -46,6 +47,8 @@ SONAME: Final = "libpipewire-0.3.so.0"
 OPEN_TIMEOUT_S: Final = 5.0
 #: A source's first cycle, before the graph says how much it wants (1024 s16 stereo frames).
 DEFAULT_CYCLE_BYTES: Final = 4096
+#: The oldest libpipewire with `pw_buffer.requested`, which a source node reads.
+MIN_SOURCE_VERSION: Final = (0, 3, 49)
 #: A full feed looks at the node this often, in case it went away.
 WRITE_WAKE_S: Final = 0.1
 
@@ -365,11 +368,25 @@ class SourceNode(_Node):
     def _latency_pod(self, latency_ns: int) -> bytes:
         return spa_pod.capture_latency(latency_ns)
 
+    def _open(
+        self, name: str, description: str, fmt: AudioFormat, remote: str | None, timeout: float
+    ) -> None:
+        # How much a cycle wants is `pw_buffer.requested`, which 0.3.49 added
+        # at the end of the struct: an older library has no such field.
+        version = library_version()
+        if _version_tuple(version) < MIN_SOURCE_VERSION:
+            raise PipeWireError(
+                errno_mod.ENOTSUP,
+                f"libpipewire {version} is too old for a source node "
+                f"(needs {'.'.join(map(str, MIN_SOURCE_VERSION))})",
+            )
+        super()._open(name, description, fmt, remote, timeout)
+
     def feed(self, buffer_bytes: int, prebuf_bytes: int) -> NodeFeed:
         """Start feeding the node: the stream-like end a writer uses (one at a time)."""
         with self._cond:
             if self._feed is not None:
-                self._feed.close_locked()
+                self._feed._close_locked()
             self._ring.clear()
             self._playing = False
             self._feed = NodeFeed(self, buffer_bytes, prebuf_bytes)
@@ -511,7 +528,7 @@ class NodeFeed(Closing):
         log.debug("%s takes its feed at %d Hz", self._node.name, rate)
         self.rate = rate
 
-    def close_locked(self) -> None:
+    def _close_locked(self) -> None:
         self._closed = True
         self._node._ring.clear()
         self._node._playing = False
@@ -522,7 +539,7 @@ class NodeFeed(Closing):
     def close(self) -> None:
         with self._node._cond:
             if not self._closed:
-                self.close_locked()
+                self._close_locked()
 
 
 def _params(*pods: bytes) -> tuple[Any, list[Any]]:
@@ -530,6 +547,15 @@ def _params(*pods: bytes) -> tuple[Any, list[Any]]:
     buffers = [ffi.new("uint8_t[]", pod) for pod in pods]
     array = ffi.new("const struct spa_pod *[]", [ffi.cast("struct spa_pod *", b) for b in buffers])
     return array, [*buffers, array]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(0, 3, 65) for "0.3.65"; a suffix ("-rc1") after a part's digits ends it."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = re.match(r"\d*", part)
+        parts.append(int(digits.group() or 0) if digits else 0)
+    return tuple(parts)
 
 
 def library_version() -> str:
