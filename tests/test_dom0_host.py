@@ -102,3 +102,29 @@ def _vm_stream_rates(server: PulseAudioServer) -> list[int]:
             for si in pulse.sink_input_list()
             if si.proplist.get("qvaudio.vm")
         ]
+
+
+def test_the_host_streams_latency_drains_between_writes(pulse_server: PulseAudioServer) -> None:
+    """What dom0 reports is the stream's buffer now: its figure after the last write
+    (its fullest) less what has played since, as a POSITION comes at any moment."""
+    chunk = tone.generate_sine(440.0, S16, 0.01)
+    playback = HostPlayback(
+        "drain-vm", S16, server=pulse_server.server, latency_ms=30, initial_volume=1.0
+    )
+    try:
+        start_null_sink_clock_once_dom0_plays(pulse_server)
+        for _ in range(20):
+            playback.put(chunk, S16.bytes_for_ms(200), S16.bytes_for_ms(10))
+        # Everything written, and no write since for a while: the figure is final.
+        wait_until(
+            lambda: playback.queued_bytes == 0 and time.monotonic() - playback.last_write > 0.05,
+            "the burst written",
+            10,
+        )
+        written_us, at = playback._written_latency
+        assert 0 < written_us <= 250_000, "what the stream held after the last write"
+        assert playback.latency_now_us(at) == written_us
+        assert playback.latency_now_us(at + 0.005) == max(0, written_us - 5_000)
+        assert playback.latency_now_us(at + 10.0) == 0, "played out, unless written again"
+    finally:
+        playback.close()

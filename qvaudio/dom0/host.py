@@ -148,8 +148,9 @@ class HostPlayback(_HostThread):
             settle_s=SETTLE_S,
             drift_ppm=_learned_drift.get(server),
         )
-        self.latency_us = 0
         self.last_write = time.monotonic()
+        #: The stream's latency after the last write (us), and when that was.
+        self._written_latency = (0, self.last_write)
         self.open_failures = 0
         self._kind = "playback"
         self._thread = threading.Thread(target=self._run, name=f"play-{vm_name}", daemon=True)
@@ -158,6 +159,18 @@ class HostPlayback(_HostThread):
     @property
     def queued_bytes(self) -> int:
         return self._playout.queued
+
+    def latency_now_us(self, now: float) -> int:
+        """What the host stream holds now: its figure after the last write, less what
+        has played since.
+
+        That figure is the stream's buffer at its fullest, just after a write;
+        until the next chunk comes it drains, so a POSITION sent between
+        writes that reported it as it was over-stated dom0's share by about
+        half a chunk (bench/avsync_bench.py: a VM player ~5 ms early). Audio
+        queued meanwhile is the caller's to add (`queued_bytes`)."""
+        latency_us, at = self._written_latency
+        return max(0, latency_us - int((now - at) * 1_000_000))
 
     @property
     def played_bytes(self) -> int:
@@ -255,10 +268,12 @@ class HostPlayback(_HostThread):
                     stream.close()
 
     def _pump(self, stream: PcmStream) -> None:
-        def after_write(latency_us: int, ran_dry: bool) -> None:
+        def after_write(latency_us: int, _ran_dry: bool) -> None:
             self.last_write = time.monotonic()
-            if ran_dry:
-                self.latency_us = latency_us
+            # After every write, a backlog's too: then the stream stays full
+            # and the figure stays fresh (`latency_now_us` drains it in between).
+            # One tuple: the loop reads both halves from another thread.
+            self._written_latency = (latency_us, self.last_write)
             _learned_drift[self._server] = self._playout.matcher.drift_ppm
 
         feed(stream, self._playout, self._cond, lambda: self._stop, self.vm_name, after_write)
