@@ -272,9 +272,11 @@ class GuestDevices:
             if get_default(pulse) == ours and previous is not None and previous in present:
                 set_default(pulse, previous)
                 log.info("default %s restored to %s", kind, previous)
+        # Nodes first: `remove_owned_modules` waits for every device of these
+        # names to go, and a node goes only when closed.
+        self.close_node()
         removed = pulse_devices.remove_owned_modules(pulse, self.names)
         log.info("removed %d module(s) of the virtual devices", removed)
-        self.close_node()
         self.state_file.unlink(missing_ok=True)
 
     def present(self, pulse: Pulse) -> bool:
