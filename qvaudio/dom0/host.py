@@ -165,10 +165,12 @@ class HostPlayback(_HostThread):
         has played since.
 
         That figure is the stream's buffer at its fullest, just after a write;
-        until the next chunk comes it drains, so a POSITION sent between
-        writes that reported it as it was over-stated dom0's share by about
-        half a chunk (bench/avsync_bench.py: a VM player ~5 ms early). Audio
-        queued meanwhile is the caller's to add (`queued_bytes`)."""
+        until the next chunk comes it drains. POSITION goes out on a loop
+        turn, which while sound flows comes with the VM's next chunk, so
+        reported as it was it over-stated dom0's share by up to a chunk
+        (bench/avsync_bench.py on a PipeWire VM: a player's clicks 9 ms
+        early, 0.7 ms late after). Audio queued meanwhile is the caller's to
+        add (`queued_bytes`)."""
         latency_us, at = self._written_latency
         return max(0, latency_us - int((now - at) * 1_000_000))
 
