@@ -209,19 +209,23 @@ def host_server(make_pulse_server: Callable[[str], PulseAudioServer]) -> PulseAu
     return make_pulse_server("fault-host")
 
 
+def _running(base: Path, vm: AudioServer, host: PulseAudioServer, play: bool) -> Iterator[Pipeline]:
+    vm.ensure_running()
+    host.ensure_running()
+    pipe = Pipeline(base, vm, host)
+    try:
+        pipe.start(play=play)
+        yield pipe
+    finally:
+        pipe.close()
+
+
 @pytest.fixture
 def idle_pipeline(
     tmp_path: Path, vm_server: PulseAudioServer, host_server: PulseAudioServer
 ) -> Iterator[Pipeline]:
     """Both agents running, nothing playing yet."""
-    vm_server.ensure_running()
-    host_server.ensure_running()
-    pipe = Pipeline(tmp_path, vm_server, host_server)
-    try:
-        pipe.start(play=False)
-        yield pipe
-    finally:
-        pipe.close()
+    yield from _running(tmp_path, vm_server, host_server, play=False)
 
 
 @pytest.fixture
@@ -229,14 +233,7 @@ def pipewire_idle_pipeline(
     tmp_path: Path, pipewire_server: AudioServer, host_server: PulseAudioServer
 ) -> Iterator[Pipeline]:
     """Both agents running, the VM's audio server PipeWire (the guest's nodes), idle."""
-    pipewire_server.ensure_running()
-    host_server.ensure_running()
-    pipe = Pipeline(tmp_path, pipewire_server, host_server)
-    try:
-        pipe.start(play=False)
-        yield pipe
-    finally:
-        pipe.close()
+    yield from _running(tmp_path, pipewire_server, host_server, play=False)
 
 
 @pytest.fixture
@@ -244,11 +241,4 @@ def pipeline(
     tmp_path: Path, vm_server: PulseAudioServer, host_server: PulseAudioServer
 ) -> Iterator[Pipeline]:
     """Both agents running and a tone playing in the VM."""
-    vm_server.ensure_running()
-    host_server.ensure_running()
-    pipe = Pipeline(tmp_path, vm_server, host_server)
-    try:
-        pipe.start()
-        yield pipe
-    finally:
-        pipe.close()
+    yield from _running(tmp_path, vm_server, host_server, play=True)

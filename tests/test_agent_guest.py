@@ -253,28 +253,18 @@ def test_latency_is_reported_only_for_sound_that_flowed(
         leave_daemon_clean(audio_server)
 
 
-class LatencyAsker:
-    """An application playing a tone into the default sink that asks its stream's latency
-    (`pa_stream_get_latency`, through the server's pulse protocol) as a video player would."""
+class AskingApplication:
+    """An application whose stream runs in a thread (`_run`) while the test asks the
+    stream's latency (`pa_stream_get_latency`, through the server's pulse protocol)."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.stream = PcmStream.playback(
-            agent.server.server, SINK, STEREO, "latency-asker", "latency asker",
-            STEREO.bytes_for_ms(40),
-        )  # fmt: skip
+    def __init__(self, stream: PcmStream) -> None:
+        self.stream = stream
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._play, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _play(self) -> None:
-        tone_pcm = tone.generate_sine(440.0, STEREO, 1.0)
-        chunk = STEREO.bytes_for_ms(10)
-        try:
-            while not self._stop.is_set():
-                for start in range(0, len(tone_pcm), chunk):
-                    self.stream.write(tone_pcm[start : start + chunk])
-        except PulseError:
-            pass
+    def _run(self) -> None:
+        raise NotImplementedError
 
     def latency_ms(self, samples: int = 15) -> float:
         """The median of what the application reads over `samples` looks 50 ms apart."""
@@ -288,6 +278,26 @@ class LatencyAsker:
         self._stop.set()
         self.stream.close()
         self._thread.join(5)
+
+
+class LatencyAsker(AskingApplication):
+    """Plays a tone into the virtual output and asks its latency, as a video player would."""
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(PcmStream.playback(
+            agent.server.server, SINK, STEREO, "latency-asker", "latency asker",
+            STEREO.bytes_for_ms(40),
+        ))  # fmt: skip
+
+    def _run(self) -> None:
+        tone_pcm = tone.generate_sine(440.0, STEREO, 1.0)
+        chunk = STEREO.bytes_for_ms(10)
+        try:
+            while not self._stop.is_set():
+                for start in range(0, len(tone_pcm), chunk):
+                    self.stream.write(tone_pcm[start : start + chunk])
+        except PulseError:
+            pass
 
 
 @pytest.mark.parametrize("audio_server", ["pipewire"], indirect=True)
@@ -466,39 +476,23 @@ def test_a_microphone_backlog_is_cut_not_kept_as_latency(agent: Agent, peer: Dom
     assert_tone(recorded.read_bytes(), MONO, 700.0, agent.log())
 
 
-class LatencyRecorder:
-    """An application recording the virtual microphone that asks its stream's latency,
-    as an echo canceller lining up what it hears with what it played would."""
+class LatencyRecorder(AskingApplication):
+    """Records the virtual microphone and asks its latency, as an echo canceller lining
+    up what it hears with what it played would."""
 
     def __init__(self, agent: Agent) -> None:
-        self.stream = PcmStream.record(
+        self.audio = bytearray()
+        super().__init__(PcmStream.record(
             agent.server.server, MIC, MONO, "latency-recorder", "latency recorder",
             MONO.bytes_for_ms(10),
-        )  # fmt: skip
-        self.audio = bytearray()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._record, daemon=True)
-        self._thread.start()
+        ))  # fmt: skip
 
-    def _record(self) -> None:
+    def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self.audio += self.stream.read(MONO.bytes_for_ms(10))
         except PulseError:
             pass
-
-    def latency_ms(self, samples: int = 15) -> float:
-        """The median of what the application reads over `samples` looks 50 ms apart."""
-        values = []
-        for _ in range(samples):
-            time.sleep(0.05)
-            values.append(self.stream.latency_us() / 1000)
-        return statistics.median(values)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.stream.close()
-        self._thread.join(5)
 
 
 @pytest.mark.parametrize("audio_server", ["pipewire"], indirect=True)

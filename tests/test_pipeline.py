@@ -79,17 +79,7 @@ def test_microphone_reaches_the_vm_only_while_allowed(idle_pipeline: Pipeline) -
     with pulsectl.Pulse("test", server=pipe.host.server) as pulse:
         pulse.source_default_set(f"{NULL_SINK}.monitor")  # dom0's "microphone"
     stop = threading.Event()
-
-    def microphone_tone() -> None:
-        tone = generate_sine(1000, S16, 1.0, amplitude=0.5)
-        with PcmStream.playback(
-            pipe.host.server, NULL_SINK, S16, "mic", "mic", S16.bytes_for_ms(50)
-        ) as stream:
-            while not stop.is_set():
-                for i in range(0, len(tone), S16.bytes_for_ms(10)):
-                    stream.write(tone[i : i + S16.bytes_for_ms(10)])
-
-    threading.Thread(target=microphone_tone, daemon=True).start()
+    threading.Thread(target=_microphone_tone, args=(pipe, stop), daemon=True).start()
     out = pipe.base / "vm-recording.raw"
     app = subprocess.Popen(
         ["parec", "-d", "qvaudio_mic", "--raw", "--format=s16le", "--rate=48000",
@@ -214,6 +204,7 @@ def test_a_pipewire_vm_records_the_microphone_and_is_told_how_old_it_is(
 
 
 def _microphone_tone(pipe: Pipeline, stop: threading.Event) -> None:
+    """A 1 kHz tone into the host's null sink, whose monitor is dom0's "microphone"."""
     tone = generate_sine(1000, S16, 1.0, amplitude=0.5)
     with PcmStream.playback(
         pipe.host.server, NULL_SINK, S16, "mic", "mic", S16.bytes_for_ms(50)

@@ -114,6 +114,21 @@ def test_a_start_waits_for_the_reserve_then_plays_what_there_is_after_the_timeou
     assert q2.take(0.6) == chunk(7), "the reserve never came: what there is plays"
 
 
+def test_a_chunk_handed_out_counts_as_writing_until_it_is_written() -> None:
+    """A full stream makes the shell's write wait: the chunk it holds is in neither
+    the queue nor the stream, and a latency figure must still count it."""
+    q = queue()
+    q.put(chunk(1), 0.0, limit=20 * CHUNK)
+    q.put(chunk(2), 0.0, limit=20 * CHUNK)
+    assert q.take(0.0) == chunk(1)
+    assert (q.queued, q.writing) == (CHUNK, CHUNK)
+    q.written(0.01, 0.02)
+    assert q.writing == 0
+    assert q.take(0.01) == chunk(2)
+    q.clear()
+    assert (q.queued, q.writing) == (0, 0)
+
+
 def test_a_gap_heard_mid_stream_counts_and_drops_what_piled_up_to_the_reserve() -> None:
     q = queue()
     for i in range(4):

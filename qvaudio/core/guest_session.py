@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import statistics
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -130,6 +131,8 @@ class GuestSession(Session):
         #: Frames in flight by each of the last few reports: sent by us when the
         #: report arrived, not yet received by dom0 when it wrote it.
         self._in_flight: collections.deque[int] = collections.deque(maxlen=IN_FLIGHT_REPORTS)
+        #: dom0's own share in its last reports: its median is what counts.
+        self._dom0_share: collections.deque[int] = collections.deque(maxlen=IN_FLIGHT_REPORTS)
         self._last_heard = now
         self._last_sound = now
         self._mic_refusal_told = False
@@ -175,7 +178,11 @@ class GuestSession(Session):
         # that made the figure ~10 ms too large); a real backlog in the
         # transport stays in every report and so in the least of them.
         in_flight = min(self._in_flight, default=0)
-        return local_us + in_flight * 1_000_000 // fmt.rate + position.playback_latency_us
+        # dom0's share depends on where between its writes a report falls (its
+        # host stream drains a chunk between them): the median of the last
+        # few, so the figure does not move with each report's phase.
+        dom0_us = int(statistics.median(self._dom0_share or [position.playback_latency_us]))
+        return local_us + in_flight * 1_000_000 // fmt.rate + dom0_us
 
     def end_to_end_us(self, period_ms: int, waiting_bytes: int) -> int | None:
         """`latency_us`, the guest's part worked out: one period (the reader hands
@@ -279,6 +286,7 @@ class GuestSession(Session):
         self._sound_from = None
         self._latency_known = False
         self._in_flight.clear()
+        self._dom0_share.clear()
 
     def set_mic_users(self, count: int, now: float) -> list[Action]:
         """How many applications record from the virtual microphone now."""
@@ -363,6 +371,7 @@ class GuestSession(Session):
             case Position(received_frames=received):
                 self.last_position = event
                 self._in_flight.append(max(0, self.frames_sent - received))
+                self._dom0_share.append(event.playback_latency_us)
                 if self._sound_from is not None and received > self._sound_from:
                     self._latency_known = True
                 return []

@@ -145,6 +145,9 @@ class PlayoutQueue:
         self.hold = 0
         #: Bytes handed out to be written, ever.
         self.taken = 0
+        #: The chunk handed out and not yet reported `written`: it waits in the
+        #: shell's write (a full stream blocks it), in neither queue nor stream.
+        self.writing = 0
         #: Chunks dropped: over the limit, a backlog cut, or late after a gap.
         self.late_drops = 0
         #: Gaps heard: the stream ran dry mid-stream, not after a pause.
@@ -199,6 +202,7 @@ class PlayoutQueue:
         """Forget what is queued (the stream is gone, or stopping)."""
         self._chunks.clear()
         self.queued = 0
+        self.writing = 0
 
     # -- what the shell writes -----------------------------------------------------------
 
@@ -255,6 +259,7 @@ class PlayoutQueue:
         chunk = self._chunks.popleft()
         self.queued -= len(chunk)
         self.taken += len(chunk)
+        self.writing = len(chunk)
         return chunk
 
     def wait_s(self, now: float) -> float | None:
@@ -269,6 +274,7 @@ class PlayoutQueue:
         The target is where the stream settled when it (re)started (the
         server's share plus the reserve then), moving with the reserve, so
         a reserve grown by a stall is not kept as latency for ever."""
+        self.writing = 0
         queue_s = self.queued / self.bytes_per_s + server_s
         if now < self._measure_from:
             return None

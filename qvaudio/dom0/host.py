@@ -160,6 +160,14 @@ class HostPlayback(_HostThread):
     def queued_bytes(self) -> int:
         return self._playout.queued
 
+    @property
+    def waiting_bytes(self) -> int:
+        """Audio dom0 holds that the stream does not yet: the queue, and the chunk a
+        write is waiting to hand over (while a reserve is queued, the stream is full
+        and every write waits; counted out, a 10 ms chunk went missing from the
+        latency each time, bench/avsync_bench.py)."""
+        return self._playout.queued + self._playout.writing
+
     def latency_now_us(self, now: float) -> int:
         """What the host stream holds now: its figure after the last write, less what
         has played since.
@@ -169,8 +177,8 @@ class HostPlayback(_HostThread):
         turn, which while sound flows comes with the VM's next chunk, so
         reported as it was it over-stated dom0's share by up to a chunk
         (bench/avsync_bench.py on a PipeWire VM: a player's clicks 9 ms
-        early, 0.7 ms late after). Audio queued meanwhile is the caller's to
-        add (`queued_bytes`)."""
+        early, 0.7 ms late after). What dom0 holds besides is the
+        caller's to add (`waiting_bytes`)."""
         latency_us, at = self._written_latency
         return max(0, latency_us - int((now - at) * 1_000_000))
 

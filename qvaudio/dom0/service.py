@@ -64,7 +64,7 @@ class VmService(AgentBase):
         fmt = session.playback_format
         actions: list[Action] = []
         if playback is not None and fmt is not None:
-            latency = playback.latency_now_us(now) + fmt.duration_us(playback.queued_bytes)
+            latency = playback.latency_now_us(now) + fmt.duration_us(playback.waiting_bytes)
             session.host_status(
                 playback.played_frames, latency, capture.latency_us if capture else 0
             )

@@ -288,7 +288,7 @@ class MicWriter:
         and the stream's buffer (a node's asked now: right after a write, as the
         stream's own figure is kept, its buffer is at its fullest)."""
         with self._cond:
-            queued = self._playout.queued
+            queued = self._playout.queued + self._playout.writing
         stream = self._stream
         held = stream.latency_us() if isinstance(stream, NodeFeed) else self._stream_latency_us
         return self.format.duration_us(queued) + held
