@@ -158,15 +158,31 @@ def test_a_pipewire_vm_records_the_microphone_and_is_told_how_old_it_is(
             interval=0.1,
             context=pipe.logs,
         )
-        dom0_part_ms: float = pipe.dom0.status()["vms"]["vm1"]["capture"]["latency_us"] / 1000
-        published_ms: float = pipe.guest.status()["reported_capture_latency_us"] / 1000
-        # dom0's part (read at another moment: a few ms of its jitter allowed)
-        # and the guest's queue and node buffer, a reserve and 20 ms at most.
-        assert dom0_part_ms - 5 <= published_ms <= dom0_part_ms + 60, (dom0_part_ms, published_ms)
+
+        def paths_ms() -> tuple[float, float]:
+            """dom0's share as dom0 reports it, and the path the guest published."""
+            dom0_part = pipe.dom0.status()["vms"]["vm1"]["capture"]["latency_us"] / 1000
+            return dom0_part, pipe.guest.status()["reported_capture_latency_us"] / 1000
+
+        def published_is_dom0s_part_and_the_guests() -> bool:
+            # dom0's share (a few ms of its jitter allowed: the two are read at
+            # different moments) and the guest's queue and node buffer, a
+            # reserve, 20 ms and a cycle at most. Polled: a host record stream
+            # just opened reports its first figures high (136 ms seen once).
+            dom0_part, published = paths_ms()
+            return dom0_part - 5 <= published <= dom0_part + 60
+
+        wait_until(
+            published_is_dom0s_part_and_the_guests,
+            "the published path to be dom0's share and the guest's",
+            10,
+            interval=0.1,
+            context=lambda: f"{paths_ms()}\n{pipe.logs()}",
+        )
 
         def told() -> bool:
             seen = statistics.median(_sample_latency_ms(recorder) for _ in range(10))
-            return abs(seen - published_ms) <= 15
+            return abs(seen - paths_ms()[1]) <= 15
 
         wait_until(told, "the recorder told the path", 10, interval=0.1, context=pipe.logs)
         allowed_until = len(recorded)
@@ -209,9 +225,14 @@ def _microphone_tone(pipe: Pipeline, stop: threading.Event) -> None:
     with PcmStream.playback(
         pipe.host.server, NULL_SINK, S16, "mic", "mic", S16.bytes_for_ms(50)
     ) as stream:
+        chunk = S16.bytes_for_ms(10)
         while not stop.is_set():
-            for i in range(0, len(tone), S16.bytes_for_ms(10)):
-                stream.write(tone[i : i + S16.bytes_for_ms(10)])
+            # Stopped between chunks, not after a whole second: the test's host
+            # server may go right after the test.
+            for i in range(0, len(tone), chunk):
+                if stop.is_set():
+                    return
+                stream.write(tone[i : i + chunk])
 
 
 def _record_until(stream: PcmStream, into: bytearray, stop: threading.Event) -> None:
