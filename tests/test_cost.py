@@ -59,6 +59,29 @@ def test_summaries_come_with_the_first_line_after_the_window() -> None:
     assert allowed and told == [(WARN, "x (1 more like this in 10 s)")]
 
 
+def test_an_exempt_line_is_always_logged_and_still_spends_the_budget() -> None:
+    limiter = LogLimiter(window=10.0, per_key=3, total=3)
+    assert all(limiter.allow(WARN, f"line {c}", 0.0)[0] for c in "abc")
+    assert not limiter.allow(WARN, "another line", 1.0)[0]
+    assert limiter.allow(logging.INFO, "disconnected: the guest closed", 2.0, exempt=True)[0]
+    # It counted: the window still allows nothing else.
+    assert not limiter.allow(WARN, "a last line", 3.0)[0]
+
+
+def test_held_lines_are_released_when_the_vm_goes_away_and_the_budget_stays_spent() -> None:
+    limiter = LogLimiter(window=10.0, per_key=1, total=20)
+    assert limiter.release(0.0) == []  # nothing said yet
+    limiter.allow(WARN, "underrun 1", 0.0)
+    limiter.allow(WARN, "underrun 2", 1.0)
+    limiter.allow(WARN, "underrun 3", 2.0)
+    assert limiter.release(3.0) == [(WARN, "underrun 2 (2 more like this in 3 s)")]
+    assert limiter.release(3.5) == []  # told once
+    # A new session within the window gets no fresh budget for that line.
+    assert not limiter.allow(WARN, "underrun 4", 4.0)[0]
+    (summary,) = limiter.flush(10.0)
+    assert summary == (WARN, "underrun 4 (1 more like this in 10 s)")
+
+
 def test_strings_from_outside_cannot_forge_or_hide_log_lines() -> None:
     hostile = "vm\nWARNING qvaudio.dom0: good: cut off\r\x1b[2Kx"
     assert escape(hostile) == "vm\\nWARNING qvaudio.dom0: good: cut off\\r\\x1b[2Kx"

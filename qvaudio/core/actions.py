@@ -16,6 +16,10 @@ class Send:
 class Log:
     level: int
     message: str
+    #: A line a session says at most once (connected, disconnected, cut off).
+    #: The reconnect backoff bounds how often those come, so the per-VM log
+    #: limit never holds one back: a VM's last word is the line users look for.
+    once_per_session: bool = False
 
 
 @dataclass(frozen=True, slots=True)

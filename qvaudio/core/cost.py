@@ -77,14 +77,19 @@ class LogLimiter:
     _per_key: dict[str, int] = field(default_factory=dict)
     _held: dict[str, _Suppressed] = field(default_factory=dict)
 
-    def allow(self, level: int, message: str, now: float) -> tuple[bool, list[tuple[int, str]]]:
-        """Whether to log `message` now, and the summaries of a window that ended."""
+    def allow(
+        self, level: int, message: str, now: float, *, exempt: bool = False
+    ) -> tuple[bool, list[tuple[int, str]]]:
+        """Whether to log `message` now, and the summaries of a window that ended.
+
+        An `exempt` line is always logged, and still counted: it spends the
+        window's budget like any other."""
         told = self.flush(now)
         if self._started is None:
             self._started = now
         key = log_key(message)
         seen = self._per_key.get(key, 0)
-        if seen < self.per_key and self._lines < self.total:
+        if exempt or (seen < self.per_key and self._lines < self.total):
             self._per_key[key] = seen + 1
             self._lines += 1
             return True, told
@@ -103,17 +108,29 @@ class LogLimiter:
         """Summaries of the lines held back, once their window has ended."""
         if self._started is None or now - self._started < self.window:
             return []
+        told = self._summaries(f"{self.window:g} s")
+        self._started = None
+        self._lines = 0
+        self._per_key.clear()
+        return told
+
+    def release(self, now: float) -> list[tuple[int, str]]:
+        """Summaries of the lines held back so far, without waiting for the
+        window to end: for a VM that went away, whose next line (which would
+        have carried them) may never come. The window's counts stay, so a VM
+        cannot buy more lines by ending sessions."""
+        if self._started is None or not self._held:
+            return []
+        return self._summaries(f"{max(1, round(now - self._started))} s")
+
+    def _summaries(self, span: str) -> list[tuple[int, str]]:
         told: list[tuple[int, str]] = []
         held = sorted(self._held.values(), key=lambda h: -h.count)
-        span = f"{self.window:g} s"
         for item in held[: self.summaries]:
             told.append((item.level, f"{item.example} ({item.count} more like this in {span})"))
         rest = sum(item.count for item in held[self.summaries :])
         if rest:
             level = max(item.level for item in held[self.summaries :])
             told.append((level, f"{rest} more log lines held back in {span}"))
-        self._started = None
-        self._lines = 0
-        self._per_key.clear()
         self._held.clear()
         return told

@@ -74,7 +74,7 @@ class VmSessionBase(Session):
         self, code: GoodbyeCode, reason: str, exc: ProtocolError | None = None
     ) -> list[Action]:
         actions: list[Action] = [
-            Log(logging.WARNING, f"cut off: {reason}"),
+            Log(logging.WARNING, f"cut off: {reason}", once_per_session=True),
             *self._stop_streams(reason),
         ]
         goodbye = (

@@ -236,19 +236,28 @@ class VmSession(PlaybackSide, CaptureSide):
         if self.closed:
             return []
         self._end(reason)
-        return [*self._stop_streams(reason), Log(logging.INFO, f"disconnected: {reason}")]
+        return [
+            *self._stop_streams(reason),
+            Log(logging.INFO, f"disconnected: {reason}", once_per_session=True),
+        ]
 
     # -- events ----------------------------------------------------------------------
 
     def _handle(self, event: Event, now: float) -> list[Action]:
         match event:
             case Hello(version=version):
-                return [Log(logging.INFO, f"connected (protocol version {version})")]
+                return [
+                    Log(
+                        logging.INFO,
+                        f"connected (protocol version {version})",
+                        once_per_session=True,
+                    )
+                ]
             case Goodbye(code=code, reason=reason):
                 self._end(f"guest said goodbye ({code.name.lower()}: {reason})")
                 return [
                     *self._stop_streams(self.close_reason),
-                    Log(logging.INFO, self.close_reason),
+                    Log(logging.INFO, self.close_reason, once_per_session=True),
                     Disconnect(GoodbyeCode.NORMAL, self.close_reason),
                 ]
             case FormatOffer(stream=StreamKind.PLAYBACK, formats=formats):

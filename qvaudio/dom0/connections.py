@@ -149,6 +149,11 @@ class Connections(AgentBase):
         link.playback = link.capture = None
         link.stream.close()
         now = time.monotonic()
+        limiter = self.log_limiters.get(link.name)
+        if limiter is not None:
+            # Held lines wait for the VM's next line, which may never come now.
+            for level, message in limiter.release(now):
+                log.log(level, "%s: %s", link.name, message)
         backoff = self.backoff.setdefault(link.name, Backoff())
         was_looping = backoff.looping
         backoff.ended(now, now - link.connected_at, code)

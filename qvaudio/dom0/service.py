@@ -198,19 +198,29 @@ class VmService(AgentBase):
                 case StopCapture():
                     self._close_host(link.capture)
                     link.capture = None
-                case Log(level=level, message=message):
-                    allowed, summaries = self._log_limits(name).allow(
-                        level, message, time.monotonic()
-                    )
-                    for held_level, held in summaries:
-                        log.log(held_level, "%s: %s", name, held)
-                    if allowed:
-                        log.log(level, "%s: %s", name, message)
+                case Log(level=level, message=message, once_per_session=once):
+                    self._log_for(name, level, message, once_per_session=once)
                 case Notify(summary=summary, body=body):
                     self.notifier.notify(summary, body)
                 case Disconnect(code=code):
                     self._flush_once(link)
                     self._drop(link, code)
+
+    def _log_for(
+        self, name: str, level: int, message: str, *, once_per_session: bool = False
+    ) -> None:
+        """A VM's line, within its share of the journal. A line this logger
+        would drop (debug, by default) spends nothing: otherwise debug lines
+        nobody sees could hold back the warning after them."""
+        if not log.isEnabledFor(level):
+            return
+        allowed, summaries = self._log_limits(name).allow(
+            level, message, time.monotonic(), exempt=once_per_session
+        )
+        for held_level, held in summaries:
+            log.log(held_level, "%s: %s", name, held)
+        if allowed:
+            log.log(level, "%s: %s", name, message)
 
     def _log_limits(self, name: str) -> LogLimiter:
         """Per VM and kept across its sessions: reconnecting does not reset it."""
