@@ -276,6 +276,19 @@ def test_after_a_reset_the_drift_and_the_rate_are_kept() -> None:
     assert abs(matcher.drift_ppm - learned) <= 1
 
 
+def test_the_anchor_is_a_whole_window_counted_from_the_first_measurement_after_a_reset() -> None:
+    matcher = RateMatcher(NOMINAL)
+    assert matcher.anchor_s is None
+    matcher.reset(0.0)
+    # Measurements start long after the reset (a stream settling): the window
+    # starts with them, so the anchor is their mean, not the first alone.
+    for i in range(101):
+        matcher.update(5.0 + i * 0.01, 0.010 if i == 0 else 0.020)
+    assert matcher.anchor_s == pytest.approx(0.020, abs=0.0002)
+    matcher.reset(6.0)
+    assert matcher.anchor_s is None
+
+
 # -- the drift changes ------------------------------------------------------------------------
 
 

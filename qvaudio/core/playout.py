@@ -159,6 +159,8 @@ class RateMatcher:
         self._goal = 0.0
         #: Whether the last window found a jump.
         self._jumped = False
+        #: The first window's mean since construction or reset: where the queue settled.
+        self._anchor: float | None = None
 
     # -- what the shell calls ------------------------------------------------------------
 
@@ -204,18 +206,28 @@ class RateMatcher:
             return None  # a broken measurement must not poison what was learned
         return self._control(mean, target_s, min(elapsed, self._max_dt))
 
+    @property
+    def anchor_s(self) -> float | None:
+        """Where the first whole window since construction or `reset` found the
+        queue (its mean, not one measurement), or None before that window ends."""
+        return self._anchor
+
     def reset(self, now: float) -> None:
         """Forget the queue after a discontinuity (restart, underrun, trim): keep the drift.
 
         The clocks' ratio does not change with a glitch, so the rate stays
         where it is and the next window anchors the queue's reference afresh.
         """
-        self._window_start = now
+        # The next window starts with the next measurement, which may come
+        # long after (a stream settling): a window counted from now would end
+        # at that one measurement, and the queue be anchored on it.
+        self._window_start = None
         self._sum = 0.0
         self._count = 0
         self._error = None
         self._velocity = 0.0
         self._jumped = False
+        self._anchor = None
 
     # -- the controller ------------------------------------------------------------------
 
@@ -225,7 +237,7 @@ class RateMatcher:
         if self._error is None:
             # Anchor at the queue as it is: whatever gap a restart left is
             # closed by the glide, not mistaken for drift by the integral.
-            self._reference = self._goal = mean
+            self._reference = self._goal = self._anchor = mean
             self._error = 0.0
         else:
             before = self._reference

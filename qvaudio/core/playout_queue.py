@@ -279,9 +279,15 @@ class PlayoutQueue:
         if now < self._measure_from:
             return None
         hold_s = self.hold / self.bytes_per_s
-        if self._base_s is None:
-            self._base_s = queue_s - hold_s
-        return self.matcher.update(now, queue_s, self._base_s + hold_s)
+        # Anchored on the matcher's first whole window, a mean: one measurement
+        # falls anywhere on the write sawtooth and a burst's edge, and the queue
+        # was then steered to wherever it fell (seen: 8 ms below where the
+        # stream had settled, glided to over 40 s; an echo canceller's delay).
+        target = None if self._base_s is None else self._base_s + hold_s
+        rate = self.matcher.update(now, queue_s, target)
+        if self._base_s is None and self.matcher.anchor_s is not None:
+            self._base_s = self.matcher.anchor_s - hold_s
+        return rate
 
     def _drop_above(self, size: int) -> None:
         while self.queued > size and len(self._chunks) > 1:
