@@ -5,7 +5,8 @@ the policy, opens and closes the VM's host stream (and waits out a host that
 refuses it), applies the volume cap to every sample, joins short frames,
 and sizes the reserve the host stream keeps: 10 ms on a quiet machine, a
 step more after each stall (audio arriving after the audio before it played
-out, or the host running dry), a step less after each quiet half minute.
+out, or the host running dry), a step less after each quiet half minute;
+while the VM also records (a call), at least 20 ms and no step less.
 """
 
 from __future__ import annotations
@@ -277,8 +278,10 @@ class PlaybackSide(VmSessionBase):
             return [*self._release_held(), Log(logging.DEBUG, "corked")]
         return [Log(logging.DEBUG, "uncorked")]
 
-    def _tick_playback(self, now: float) -> list[Action]:
-        """Time passed: held audio, a host refusal's wait, the reserve's decay."""
+    def _tick_playback(self, now: float, *, in_call: bool = False) -> list[Action]:
+        """Time passed: held audio, a host refusal's wait, the reserve's decay.
+
+        `in_call`: the VM records too; its reserve holds (`jitter_call_ms`)."""
         limits = self.limits
         actions: list[Action] = []
         if self._held and now - self._held_since >= limits.coalesce_ms / 1000:
@@ -288,7 +291,9 @@ class PlaybackSide(VmSessionBase):
             actions += self._reconcile_playback(now)
             if self.closed:
                 return actions
-        self._reserve.tick(now)
+        if in_call:
+            self._reserve.raise_to(limits.jitter_call_ms, now)
+        self._reserve.tick(now, steady=in_call)
         return actions
 
     def _grow_jitter(self, now: float) -> None:
