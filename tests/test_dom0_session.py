@@ -635,31 +635,6 @@ def test_jitter_buffer_grows_with_underruns_and_shrinks_when_quiet() -> None:
     assert h.session.jitter_ms == 100, "capped"
 
 
-def test_while_the_vm_records_its_playback_reserve_is_a_calls_and_holds() -> None:
-    h = Harness(ALLOW_ALL)
-    h.negotiate()
-    assert h.session.jitter_ms == 10
-    h.send(CaptureRequest(True))
-    h.run(h.session.tick(h.now))
-    # A call: the reserve the first seconds of every call were measured growing to.
-    assert h.session.jitter_ms == 20 and h.session.playback_hold() == S16.bytes_for_ms(20)
-    ten_ms = tone(S16, frames=480)
-    h.send(PlaybackData(ten_ms))
-    h.now += 0.5
-    h.send(PlaybackData(ten_ms))  # late: a gap heard
-    assert h.session.jitter_ms == 30
-    for step in range(1, 11):  # five quiet minutes: the delay holds
-        h.run(h.session.tick(h.now + 31 * step))
-    assert h.session.jitter_ms == 30
-    h.now += 31 * 10
-    h.send(CaptureRequest(False))
-    # The call is over: a whole quiet wait from its end, then steps down as before.
-    h.run(h.session.tick(h.now + 29))
-    assert h.session.jitter_ms == 30
-    h.run(h.session.tick(h.now + 31))
-    assert h.session.jitter_ms == 20
-
-
 def test_a_deny_ends_the_microphone_attachment() -> None:
     h = Harness(ON_REQUEST)
     h.negotiate()

@@ -89,19 +89,6 @@ def test_a_gap_long_after_a_step_down_leaves_the_wait_alone() -> None:
     assert no_backoff.gap(35.0) and no_backoff.decay_s == 30.0, "max_decay_s unset: fixed wait"
 
 
-def test_a_steady_reserve_never_steps_down_and_waits_afresh_when_steadiness_ends() -> None:
-    reserve = JitterReserve(LIMITS, now=0.0)
-    assert reserve.raise_to(30, 0.0) and reserve.ms == 30
-    assert not reserve.raise_to(20, 1.0), "a floor never lowers it"
-    assert reserve.raise_to(500, 1.0) and reserve.ms == LIMITS.max_ms
-    reserve.ms = 30
-    for t in range(0, 600, 10):
-        assert not reserve.tick(float(t), steady=True)
-    assert reserve.ms == 30
-    assert not reserve.tick(620.0)  # quiet since 590 only
-    assert reserve.tick(621.0) and reserve.ms == 20
-
-
 def test_reserve_limits_that_make_no_sense_are_refused() -> None:
     with pytest.raises(ValueError):
         JitterReserve(ReserveLimits(50, 10, 40, 30.0, 0.25), now=0.0)

@@ -51,11 +51,6 @@ class Limits:
     jitter_max_decay_s: float = 480.0
     #: Underruns this close together are one stall, and grow the reserve once.
     jitter_same_stall_s: float = 0.25
-    #: While the VM records (a call), its reserve is at least this and never
-    #: shrinks: an echo canceller in the VM needs the round trip's delay to
-    #: hold still more than it needs the last 10 ms, and the quiet machine's
-    #: 10 ms start was measured growing in the first seconds of every call.
-    jitter_call_ms: int = 20
     #: A backlog this far above the jitter target, kept for `trim_after_s`,
     #: is dropped down to the target (latency recovers after a stall).
     trim_margin_ms: int = 20

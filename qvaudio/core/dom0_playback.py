@@ -5,8 +5,7 @@ the policy, opens and closes the VM's host stream (and waits out a host that
 refuses it), applies the volume cap to every sample, joins short frames,
 and sizes the reserve the host stream keeps: 10 ms on a quiet machine, a
 step more after each stall (audio arriving after the audio before it played
-out, or the host running dry), a step less after each quiet half minute;
-while the VM also records (a call), at least 20 ms and no step less.
+out, or the host running dry), a step less after each quiet half minute.
 """
 
 from __future__ import annotations
@@ -278,10 +277,8 @@ class PlaybackSide(VmSessionBase):
             return [*self._release_held(), Log(logging.DEBUG, "corked")]
         return [Log(logging.DEBUG, "uncorked")]
 
-    def _tick_playback(self, now: float, *, in_call: bool = False) -> list[Action]:
-        """Time passed: held audio, a host refusal's wait, the reserve's decay.
-
-        `in_call`: the VM records too; its reserve holds (`jitter_call_ms`)."""
+    def _tick_playback(self, now: float) -> list[Action]:
+        """Time passed: held audio, a host refusal's wait, the reserve's decay."""
         limits = self.limits
         actions: list[Action] = []
         if self._held and now - self._held_since >= limits.coalesce_ms / 1000:
@@ -291,9 +288,7 @@ class PlaybackSide(VmSessionBase):
             actions += self._reconcile_playback(now)
             if self.closed:
                 return actions
-        if in_call:
-            self._reserve.raise_to(limits.jitter_call_ms, now)
-        self._reserve.tick(now, steady=in_call)
+        self._reserve.tick(now)
         return actions
 
     def _grow_jitter(self, now: float) -> None:

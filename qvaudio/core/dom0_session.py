@@ -189,7 +189,7 @@ class VmSession(PlaybackSide, CaptureSide):
             )
         if self.conn.state is not ConnectionState.OPEN:
             return []
-        actions = self._tick_playback(now, in_call=self.capture_running)
+        actions = self._tick_playback(now)
         if self.closed:
             return actions
         interval = (

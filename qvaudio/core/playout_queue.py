@@ -82,17 +82,9 @@ class JitterReserve:
             self.decay_s = min(self.decay_s * 2, self._longest_decay_s)
         return self._step(now, +self.limits.step_ms)
 
-    def tick(self, now: float, *, steady: bool = False) -> bool:
-        """Time passed: after `decay_s` without a gap, one step less; True if it shrank.
-
-        `steady`: the delay must hold (a call, whose echo canceller has
-        found it): no step down, and the quiet wait starts again when the
-        call ends. A step down is itself a move of the delay, and the gap
-        that often follows it on a machine that needed the step is another."""
+    def tick(self, now: float) -> bool:
+        """Time passed: after `decay_s` without a gap, one step less; True if it shrank."""
         limits = self.limits
-        if steady:
-            self._changed = now
-            return False
         if now - self._changed <= self.decay_s:
             return False
         if self.ms > limits.start_ms:
@@ -102,15 +94,6 @@ class JitterReserve:
             self.decay_s = max(self.decay_s / 2, limits.decay_s)
             self._changed = now
         return False
-
-    def raise_to(self, ms: int, now: float) -> bool:
-        """At least `ms` (up to `max_ms`) from now on; True if it grew."""
-        wanted = min(ms, self.limits.max_ms)
-        if self.ms >= wanted:
-            return False
-        self.ms = wanted
-        self._changed = now
-        return True
 
     def _step(self, now: float, step_ms: int) -> bool:
         limits = self.limits

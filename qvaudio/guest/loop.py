@@ -386,11 +386,6 @@ class GuestAgent:
         self.workers.want_mic(
             self.mic_format if self._pcm_wanted() else None, self.devices.mic_node
         )
-        if self.workers.mic is not None:
-            # An application plays while another records: a call, whose echo
-            # canceller needs the microphone's delay to hold.
-            usage = self.usage
-            self.workers.mic.set_call(usage.players > 0 and usage.recorders > 0)
 
     # -- reporting -------------------------------------------------------------------------
 

@@ -52,11 +52,6 @@ MIC_TRIM_MARGIN_MS: Final = 10
 MIC_PAUSE_S: Final = 0.5
 #: Gaps in a flow's first this long do not grow the reserve.
 MIC_STARTUP_S: Final = 0.5
-#: While the VM also plays (a call), the reserve is at least this and never
-#: shrinks: an echo canceller needs the round trip's delay to hold still, and
-#: the 5 ms start was measured growing to 15-25 ms within a call's first
-#: seconds, one gap and one move of the delay at a time.
-MIC_CALL_RESERVE_MS: Final = 15
 
 
 class Mailbox:
@@ -229,9 +224,6 @@ class MicWriter:
     chunks come on time, 5 ms more after each gap heard (a gap as capture
     starts excepted) and 5 ms less after a quiet while (`MIC_RESERVE_*`),
     because a call needs the microphone early more than it needs it whole.
-    While the VM also plays (`set_call`), the reserve is at least
-    `MIC_CALL_RESERVE_MS` and does not shrink: the delay an echo canceller
-    has found holds.
     Audio that piled up while the stream ran dry, or a backlog that stays,
     goes (`qvaudio.core.playout_queue`); the stream's rate follows the host
     microphone's clock. When nothing comes (dom0 refused, or has not
@@ -277,7 +269,6 @@ class MicWriter:
             settle_s=SETTLE_S,
         )
         self._gaps_seen = 0
-        self._in_call = False
         self._last_put = -math.inf
         self._flowing_since = -math.inf
         self._thread = threading.Thread(target=self._run, name="mic-writer", daemon=True)
@@ -320,41 +311,19 @@ class MicWriter:
                 if now - self._flowing_since > MIC_STARTUP_S:
                     self.reserve.gap(now)
             else:
-                self.reserve.tick(now, steady=self._in_call)
-            self._put(pcm[:usable], now)
-
-    def set_call(self, in_call: bool) -> None:
-        """Whether the VM plays while it records (a call): the reserve then holds.
-
-        A call that starts while audio flows gets the call's reserve at once,
-        as silence put in the queue: the delay steps once, where a reserve
-        raised alone would be reached by the rate matcher's glide, minutes
-        of a delay on the move."""
-        now = time.monotonic()
-        with self._cond:
-            if in_call == self._in_call:
-                return
-            self._in_call = in_call
-            before = self.reserve.ms
-            if not in_call or not self.reserve.raise_to(MIC_CALL_RESERVE_MS, now):
-                return
-            if now - self._last_put <= MIC_PAUSE_S:
-                self._put(bytes(self.format.bytes_for_ms(self.reserve.ms - before)), now)
-
-    def _put(self, pcm: bytes, now: float) -> None:
-        """Queue `pcm` with the reserve as it is now (`_cond` held)."""
-        hold = self.format.bytes_for_ms(self.reserve.ms)
-        self._playout.put(
-            pcm,
-            now,
-            limit=self._max_bytes,
-            hold=hold,
-            # A backlog (the VM's server stalled while dom0 sent on) is
-            # cut back to the reserve: late microphone audio is worse than
-            # missing audio.
-            trim=hold + self.format.bytes_for_ms(MIC_TRIM_MARGIN_MS),
-        )
-        self._cond.notify()
+                self.reserve.tick(now)
+            hold = self.format.bytes_for_ms(self.reserve.ms)
+            self._playout.put(
+                pcm[:usable],
+                now,
+                limit=self._max_bytes,
+                hold=hold,
+                # A backlog (the VM's server stalled while dom0 sent on) is
+                # cut back to the reserve: late microphone audio is worse than
+                # missing audio.
+                trim=hold + self.format.bytes_for_ms(MIC_TRIM_MARGIN_MS),
+            )
+            self._cond.notify()
 
     def stop(self) -> None:
         with self._cond:
