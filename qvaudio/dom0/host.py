@@ -180,7 +180,8 @@ class HostPlayback(_HostThread):
         early, 0.7 ms late after). What dom0 holds besides is the
         caller's to add (`waiting_bytes`)."""
         latency_us, at = self._written_latency
-        return max(0, latency_us - int((now - at) * 1_000_000))
+        # Rounded: (at + 0.005) - at is 4999.99... µs in floating point.
+        return max(0, latency_us - round((now - at) * 1_000_000))
 
     @property
     def played_bytes(self) -> int:
