@@ -116,12 +116,12 @@ class Link:
                 # The host played silence; the shell restarts the stream.
                 self.underruns += 1
                 queue = 0.0
-                reset(now)
+                reset()
             queue += CHUNK
             if queue > target + trim_above:
                 self.trims += 1
                 queue = target
-                reset(now)
+                reset()
             noise = (rng() - 0.5) * sawtooth + (rng() + rng() - 1) * measure_jitter
             new = update(now, queue + noise, told)
             if new is not None:
@@ -264,7 +264,7 @@ def test_after_a_reset_the_drift_and_the_rate_are_kept() -> None:
     link = settled(-250.0, seed=3)
     matcher = link.matcher
     learned, rate = matcher.drift_ppm, matcher.rate
-    matcher.reset(link.now)
+    matcher.reset()
     assert (matcher.drift_ppm, matcher.rate) == (learned, rate)
     # A queue far off the target right after the reset (a restart's prebuffer)
     # is the new anchor, not an error: the rate stays near the drift.
@@ -279,13 +279,13 @@ def test_after_a_reset_the_drift_and_the_rate_are_kept() -> None:
 def test_the_anchor_is_a_whole_window_counted_from_the_first_measurement_after_a_reset() -> None:
     matcher = RateMatcher(NOMINAL)
     assert matcher.anchor_s is None
-    matcher.reset(0.0)
+    matcher.reset()
     # Measurements start long after the reset (a stream settling): the window
     # starts with them, so the anchor is their mean, not the first alone.
     for i in range(101):
         matcher.update(5.0 + i * 0.01, 0.010 if i == 0 else 0.020)
     assert matcher.anchor_s == pytest.approx(0.020, abs=0.0002)
-    matcher.reset(6.0)
+    matcher.reset()
     assert matcher.anchor_s is None
 
 

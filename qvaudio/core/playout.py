@@ -212,7 +212,7 @@ class RateMatcher:
         queue (its mean, not one measurement), or None before that window ends."""
         return self._anchor
 
-    def reset(self, now: float) -> None:
+    def reset(self) -> None:
         """Forget the queue after a discontinuity (restart, underrun, trim): keep the drift.
 
         The clocks' ratio does not change with a glitch, so the rate stays

@@ -249,13 +249,13 @@ class PlayoutQueue:
                 # stay in the latency for as long as audio flows. Keep the
                 # reserve, newest audio last.
                 self._drop_above(self.hold + len(self._chunks[-1]))
-            self.matcher.reset(now)
+            self.matcher.reset()
             self._measure_from = now + self._settle_s
             self._base_s = None
         self._restarting = False
         if self._trimmed:
             self._trimmed = False
-            self.matcher.reset(now)
+            self.matcher.reset()
         chunk = self._chunks.popleft()
         self.queued -= len(chunk)
         self.taken += len(chunk)
