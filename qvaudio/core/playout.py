@@ -48,12 +48,13 @@ class RateMatcher:
     The controller never chases the target itself but a reference that
     glides towards it (a new target, too) at `glide_ppm`, with that speed
     fed forward into the rate, so the error fed to the PI controller stays
-    small and is never mistaken for drift. A second's mean more than
-    `jump_s` off is not noise (its noise is a few tenths of a ms) nor
-    drift (300 ppm moves the queue 0.3 ms a second) but a jump: a burst, a
-    stall, a server that changed its buffer. The reference then starts
-    again from the queue and glides back; neither the learned drift nor
-    the rate moves. A smaller gap drags the reference along once the
+    small and is never mistaken for drift. Two seconds' means in a row
+    more than `jump_s` off, the same way, are not noise (a real server's
+    figure puts a second's mean 2-3 ms off now and then) nor drift (300
+    ppm moves the queue 0.3 ms a second) but a jump: a burst, a stall, a
+    server that changed its buffer. The reference then starts again from
+    the queue and glides back; neither the learned drift nor the rate
+    moves. One such window alone is left out. A smaller gap drags the reference along once the
     smoothed error passes `max_error_s`, so the correction on top of the
     drift stays within about `2 * max_error_s / time_constant_s +
     glide_ppm` (73 ppm with the defaults, plus a hertz of rounding): a
@@ -84,7 +85,7 @@ class RateMatcher:
         max_error_s: float = 0.0005,
         acquire_max_error_s: float = 0.002,
         glide_ppm: float = 40.0,
-        jump_s: float = 0.002,
+        jump_s: float = 0.004,
         drift_ppm: float | None = None,
     ) -> None:
         if nominal_rate <= 0:
@@ -157,8 +158,9 @@ class RateMatcher:
         self._velocity = 0.0
         #: Where the current glide ends: the target when it began.
         self._goal = 0.0
-        #: Whether the last window found a jump.
-        self._jumped = False
+        #: How far off the last window was, if it was a jump's size: a jump
+        #: is believed only when the next window agrees.
+        self._suspect: float | None = None
         #: The first window's mean since construction or reset: where the queue settled.
         self._anchor: float | None = None
 
@@ -226,7 +228,7 @@ class RateMatcher:
         self._count = 0
         self._error = None
         self._velocity = 0.0
-        self._jumped = False
+        self._suspect = None
         self._anchor = None
 
     # -- the controller ------------------------------------------------------------------
@@ -248,16 +250,26 @@ class RateMatcher:
             # The window's mean was taken while the reference moved: compare
             # it with the reference mid-window, or every glide looks like an error.
             raw = mean - (before + after) / 2
-            jumped = abs(raw - self._error) > self._jump
-            if jumped or self._jumped:
-                # A second's mean this far off is no noise and no drift (300 ppm
-                # moves the queue 0.3 ms a second) but a jump: a burst, a stall,
-                # a server that changed its buffer. Start the glide from there;
-                # and again from the next window, which holds the rest of a
-                # jump that came in the middle of this one.
-                self._reference += raw - self._error
+            off = raw - self._error
+            if abs(off) <= self._jump:
+                self._suspect = None
+            elif self._suspect is not None and (off > 0) == (self._suspect > 0):
+                # Two seconds' means in a row this far off, the same way: no
+                # noise and no drift (300 ppm moves the queue 0.3 ms a second)
+                # but a jump: a burst, a stall, a server that changed its
+                # buffer. Start the glide from there (the second window holds
+                # all of a jump that came in the middle of the first).
+                self._reference += off
                 raw = self._error
-            self._jumped = jumped
+                self._suspect = None
+            else:
+                # One window this far off is left out: a real server's latency
+                # figure wanders by more than the jump now and then (seen: a
+                # fifth of dom0's windows 2 ms off the one before), and
+                # believed at once each such window moved the reference, so
+                # that the held delay wandered by 5-10 ms over minutes.
+                self._suspect = off
+                raw = self._error
             # Smoothing lags: well inside the loop's time constant, or it rings.
             smoothing = min(self._smoothing_s, tau / 5)
             if smoothing > 0:
