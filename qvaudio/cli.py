@@ -75,7 +75,8 @@ def _format_status(reply: dict[str, Any]) -> str:
                 f"  bytes: {counters.get('bytes_received', 0)} received, "
                 f"{counters.get('bytes_discarded', 0)} discarded; "
                 f"underruns {counters.get('underruns', 0)} late from the VM, "
-                f"{counters.get('host_underruns', 0)} on the host"
+                f"{counters.get('host_underruns', 0)} on the host "
+                f"({counters.get('host_stalls', 0)} of them stalls in dom0 or the host)"
             )
         if vm.get("close_reason"):
             lines.append(f"  closed: {vm['close_reason']}")

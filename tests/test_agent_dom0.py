@@ -264,7 +264,7 @@ def test_status_command_lists_vms(dom0: Dom0) -> None:
     ).stdout  # fmt: skip
     assert "work: open via unix:" in text and "playback: allow" in text
     assert "(reserve 10 ms)" in text, "the adaptive jitter buffer, as it starts"
-    assert "underruns 0 late from the VM, 0 on the host" in text
+    assert "underruns 0 late from the VM, 0 on the host (0 of them stalls" in text
     assert "volume 100% (cap 100%)" in text, "the default next to the cap"
     assert "microphone: work is asking for it; to grant it: qvaudio mic attach work" in text
     assert "UNREACHABLE" not in text and status["host"]["reachable"] is True

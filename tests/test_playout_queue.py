@@ -143,6 +143,117 @@ def test_a_gap_heard_mid_stream_counts_and_drops_what_piled_up_to_the_reserve() 
     assert q.late_drops == 4
 
 
+def heard_stream(q: PlayoutQueue, until: float, server_s: float = 0.020) -> float:
+    """A chunk every 10 ms from 0 to `until`, each written at once; the server holds
+    `server_s` after each write. Returns the time of the last."""
+    now = 0.0
+    while now < until - 1e-9:
+        q.put(chunk(), now, limit=50 * CHUNK, hold=CHUNK)
+        assert q.take(now) is not None
+        q.written(now, server_s)
+        now = round(now + 0.010, 6)
+    return round(now - 0.010, 6)
+
+
+def test_a_gap_with_audio_waiting_is_a_stall_and_one_without_is_late_audio() -> None:
+    q = queue()
+    last = heard_stream(q, 1.0)
+    # The writer holds a chunk while the server runs dry (its request came late):
+    # a stall of the player, which a reserve in this queue cannot cure.
+    q.put(chunk(), last + 0.010, limit=50 * CHUNK, hold=CHUNK)
+    assert q.take(last + 0.010) is not None
+    q.ran_dry(last + 0.025)
+    q.written(last + 0.030, 0.0)
+    q.put(chunk(), last + 0.030, limit=50 * CHUNK, hold=CHUNK)
+    assert q.take(last + 0.030) is not None
+    assert (q.underruns, q.stalls, q.late_gaps) == (1, 1, 0)
+    q.written(last + 0.030, 0.010)
+
+    def play_on(start: float) -> float:
+        # A restarted stream is judged once it has been given `judge_after`.
+        for i in range(3):
+            q.put(chunk(), start + i * 0.010, limit=50 * CHUNK, hold=CHUNK)
+            assert q.take(start + i * 0.010) is not None
+            q.written(start + i * 0.010, 0.010)
+        return start + 0.020
+
+    last = play_on(last + 0.040)
+    # Nothing here when it ran dry: the audio was late.
+    q.ran_dry(last + 0.015)
+    q.put(chunk(), last + 0.030, limit=50 * CHUNK, hold=CHUNK)
+    assert q.take(last + 0.030) is not None
+    assert (q.underruns, q.stalls, q.late_gaps) == (2, 1, 1)
+    q.written(last + 0.030, 0.010)
+    last = play_on(last + 0.040)
+    # Audio that came a hair before the server ran dry was late by that hair.
+    q.put(chunk(), last + 0.0195, limit=50 * CHUNK, hold=CHUNK)
+    q.ran_dry(last + 0.020)
+    assert q.take(last + 0.021) is not None
+    assert (q.underruns, q.stalls, q.late_gaps) == (3, 1, 2)
+
+
+def test_after_a_gap_the_delay_is_put_back_where_it_was() -> None:
+    """The stream came back 5 ms later than before (a restart lands anywhere within a
+    chunk): once its first second is measured, 5 ms of the audio to come are skipped."""
+    q = queue(settle_s=1.0)
+    last = heard_stream(q, 3.0)
+    assert q.matcher.anchor_s == pytest.approx(0.020)
+    q.ran_dry(last + 0.005)
+    now = last + 0.020
+    lengths = []
+    while now < last + 3.0:
+        q.put(chunk(), now, limit=50 * CHUNK, hold=CHUNK)
+        while (c := q.take(now)) is not None:
+            lengths.append(len(c))
+            q.written(now, 0.025)
+        now = round(now + 0.010, 6)
+    assert (q.underruns, q.realigns) == (1, 1)
+    assert lengths.count(CHUNK - 5 * MS) == 1, "5 ms skipped, once"
+    assert all(n == CHUNK for n in lengths if n != CHUNK - 5 * MS)
+
+
+def test_a_stream_that_came_back_early_is_padded_with_silence() -> None:
+    q = queue(settle_s=1.0)
+    last = heard_stream(q, 3.0)
+    q.ran_dry(last + 0.005)
+    now = last + 0.020
+    chunks = []
+    while now < last + 3.0:
+        q.put(chunk(1), now, limit=50 * CHUNK, hold=CHUNK)
+        while (c := q.take(now)) is not None:
+            chunks.append(c)
+            q.written(now, 0.014 if q.realigns == 0 else 0.020)
+        now = round(now + 0.010, 6)
+    assert q.realigns == 1
+    assert bytes(6 * MS) in chunks, "6 ms of silence where the delay was short"
+    # Within a millisecond of the delay before: left alone.
+    q2 = queue(settle_s=1.0)
+    last = heard_stream(q2, 3.0)
+    q2.ran_dry(last + 0.005)
+    heard_until = last + 3.0
+    now = last + 0.020
+    while now < heard_until:
+        q2.put(chunk(), now, limit=50 * CHUNK, hold=CHUNK)
+        while q2.take(now) is not None:
+            q2.written(now, 0.0205)
+        now = round(now + 0.010, 6)
+    assert (q2.underruns, q2.realigns) == (1, 0)
+
+
+def test_a_new_stream_or_one_back_from_a_pause_starts_its_delay_afresh() -> None:
+    q = queue(settle_s=1.0, pause_s=0.5)
+    last = heard_stream(q, 3.0)
+    q.ran_dry(last + 0.005)  # then two seconds of nothing: a pause
+    now = last + 2.0
+    while now < last + 5.0:
+        q.put(chunk(), now, limit=50 * CHUNK, hold=CHUNK)
+        while q.take(now) is not None:
+            q.written(now, 0.040)
+        now = round(now + 0.010, 6)
+    assert (q.underruns, q.realigns) == (0, 0)
+    assert q.matcher.anchor_s == pytest.approx(0.040)
+
+
 def test_running_dry_after_a_pause_or_before_being_heard_is_no_gap() -> None:
     q = queue(pause_s=0.5)
     q.put(chunk(), 0.0, limit=50 * CHUNK, hold=CHUNK)

@@ -47,7 +47,7 @@ class Limits:
     jitter_start_ms: int = 10
     jitter_step_ms: int = 10
     jitter_max_ms: int = 100
-    jitter_decay_s: float = 30.0
+    jitter_decay_s: float = 120.0
     jitter_max_decay_s: float = 480.0
     #: Underruns this close together are one stall, and grow the reserve once.
     jitter_same_stall_s: float = 0.25
@@ -88,3 +88,5 @@ class Counters:
     underruns: int = 0
     #: Times the host stream ran dry while the VM played (what a listener hears).
     host_underruns: int = 0
+    #: Of those, the times the VM's audio was waiting in dom0 (dom0 or the host was late).
+    host_stalls: int = 0

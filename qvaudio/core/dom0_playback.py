@@ -59,7 +59,10 @@ class PlaybackSide(VmSessionBase):
             ),
             now,
         )
+        # The host stream's running counts as last reported (new with each stream).
         self._host_dry_seen = 0
+        self._host_stalls_seen = 0
+        self._host_late_seen = 0
 
     # -- what the shell asks ---------------------------------------------------------
 
@@ -110,15 +113,24 @@ class PlaybackSide(VmSessionBase):
 
     # -- what the host side reports ----------------------------------------------------
 
-    def host_underruns(self, count: int, now: float) -> None:
-        """The running count of times the host stream (since StartPlayback) ran dry.
+    def host_underruns(self, count: int, stalls: int, now: float) -> None:
+        """The running counts of times the host stream (since StartPlayback) ran dry,
+        and of those, the stalls: the VM's audio was waiting in dom0's queue.
 
-        Whatever the cause (a late guest, a stall in dom0 or in the host
-        server), a gap was heard: the reserve grows, as for late arrivals.
+        Every gap is counted (a listener heard it), but only a gap from late
+        audio grows the reserve: in a stall dom0's writer or the host server
+        was late, a larger reserve in dom0's queue would not have reached the
+        server any sooner, and growing it would only move the delay.
         """
+        late = count - stalls
         if count > self._host_dry_seen:
             self.counters.host_underruns += count - self._host_dry_seen
             self._host_dry_seen = count
+        if stalls > self._host_stalls_seen:
+            self.counters.host_stalls += stalls - self._host_stalls_seen
+            self._host_stalls_seen = stalls
+        if late > self._host_late_seen:
+            self._host_late_seen = late
             self._grow_jitter(now)
 
     def host_playback_failed(self, reason: str, now: float) -> list[Action]:
@@ -210,7 +222,7 @@ class PlaybackSide(VmSessionBase):
         self.playback_active = True
         self._meter.new_audio_format()
         self._playout_end = None
-        self._host_dry_seen = 0
+        self._host_dry_seen = self._host_stalls_seen = self._host_late_seen = 0
         return [StartPlayback(fmt, initial)]
 
     def _stop_playback(self, reason: str) -> list[Action]:

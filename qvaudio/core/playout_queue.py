@@ -11,7 +11,14 @@ here, as pure code driven by bytes and times the shell passes in:
   after a quiet while);
 * what a gap heard means: audio that piled up while the stream ran dry is
   late and goes, keeping the reserve; a stream that was paused (nothing to
-  play for a while) restarts without counting a gap;
+  play for a while) restarts without counting a gap; and whose the gap was:
+  the audio's (it came late: a larger reserve cures that) or the player's
+  (audio was waiting, the writer or the server was late: a reserve in this
+  queue cannot help, so it is a `stall` and the reserve is left alone);
+* where the delay goes after a gap: back where it was. The first second's
+  mean after a restart is compared with the delay before, and the
+  difference is skipped from the audio to come, or padded with silence,
+  once: an echo canceller hears a dropout, not a new delay;
 * when a queue that stays above the reserve is a backlog to cut (after a
   stall, say), so latency returns instead of keeping every stall for ever;
 * the rate to play at, so that clock drift never becomes latency or a gap
@@ -110,12 +117,16 @@ class PlayoutQueue:
     bytes a (re)started stream must be given before it plays at all (its
     buffer or prebuffer): a stream running dry before then was not heard.
     `coalesce` joins chunks shorter than it to the one before (fewer,
-    larger writes). `pause_s`: a stream dry this long before audio came was
-    paused, not starved. `settle_s`: a (re)started stream's queue is not
-    measured for drift until this long after (prebuffering, the server's
-    first requests). `prime_timeout_s`: the longest a (re)start waits for
-    the reserve; then what there is plays. `trim_after_s`: how long a
-    queue may stay above the `trim` mark before it is cut to the reserve.
+    larger writes). `stall_margin_s`: audio that waited at least this long
+    when the stream ran dry makes the gap a stall (the writer's wake-up and
+    write take about a millisecond). `realign_s`: after a restart, a delay
+    further than this from the one before is put back. `pause_s`: a
+    stream dry this long before audio came was paused, not starved.
+    `settle_s`: a (re)started stream's queue is not measured for drift
+    until this long after (prebuffering, the server's first requests).
+    `prime_timeout_s`: the longest a (re)start waits for the reserve; then
+    what there is plays. `trim_after_s`: how long a queue may stay above
+    the `trim` mark before it is cut to the reserve.
     """
 
     def __init__(
@@ -129,9 +140,12 @@ class PlayoutQueue:
         settle_s: float = 1.0,
         prime_timeout_s: float = 0.5,
         trim_after_s: float = 0.5,
+        stall_margin_s: float = 0.002,
+        realign_s: float = 0.001,
         drift_ppm: float | None = None,
     ) -> None:
         self.bytes_per_s = rate * frame_size
+        self.frame_size = frame_size
         self.matcher = RateMatcher(rate, drift_ppm=drift_ppm)
         self._judge_after = judge_after
         self._coalesce = coalesce
@@ -139,6 +153,8 @@ class PlayoutQueue:
         self._settle_s = settle_s
         self._prime_timeout_s = prime_timeout_s
         self.trim_after_s = trim_after_s
+        self._stall_margin_s = stall_margin_s
+        self._realign_s = realign_s
         self._chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
         #: The reserve kept before the stream (re)starts, in bytes (set with every `put`).
@@ -152,6 +168,16 @@ class PlayoutQueue:
         self.late_drops = 0
         #: Gaps heard: the stream ran dry mid-stream, not after a pause.
         self.underruns = 0
+        #: Of those, the gaps with audio waiting here: the writer or the server was late.
+        self.stalls = 0
+        #: Times the delay was put back where it was after a restart.
+        self.realigns = 0
+        #: When audio became available to write (True) or ran out (False), oldest
+        #: first: whose a gap was is judged after the fact, from the gap's time.
+        self._availability: collections.deque[tuple[float, bool]] = collections.deque(maxlen=64)
+        #: Bytes of arriving audio still to skip to bring the delay back.
+        self._skip = 0
+        self._realign = False
         self._after_idle = False
         self._over_since: float | None = None
         self._trimmed = False
@@ -164,6 +190,11 @@ class PlayoutQueue:
         self.last_gap_dry_s = 0.0
         self._measure_from = math.inf
         self._base_s: float | None = None
+
+    @property
+    def late_gaps(self) -> int:
+        """Gaps heard because the audio came late: what a larger reserve cures."""
+        return self.underruns - self.stalls
 
     # -- what arrives ------------------------------------------------------------------
 
@@ -183,6 +214,14 @@ class PlayoutQueue:
         so the stream running dry before it was a pause, not a gap."""
         self._after_idle = self._after_idle or after_idle
         self.hold = hold
+        if self._skip:
+            cut = min(self._skip, len(pcm))
+            self._skip -= cut
+            pcm = pcm[cut:]
+            if not pcm:
+                return
+        if not self.queued + self.writing:
+            self._availability.append((now, True))
         if self._chunks and len(self._chunks[-1]) < self._coalesce:
             self._chunks[-1] += pcm
         else:
@@ -197,12 +236,15 @@ class PlayoutQueue:
             self._drop_above(hold)
             self._over_since = None
             self._trimmed = True
+            self._realign = self._base_s is not None
 
     def clear(self) -> None:
         """Forget what is queued (the stream is gone, or stopping)."""
         self._chunks.clear()
         self.queued = 0
         self.writing = 0
+        self._availability.clear()
+        self._skip = 0
 
     # -- what the shell writes -----------------------------------------------------------
 
@@ -213,6 +255,7 @@ class PlayoutQueue:
         self._restarting = False
         self._dry_at = None
         self._judged_from = self.taken + self._judge_after
+        self._skip = 0
 
     def ran_dry(self, at: float) -> None:
         """The server reported that the stream ran out of audio at `at`.
@@ -226,13 +269,16 @@ class PlayoutQueue:
         if not self._chunks:
             return None
         if self._dry_at is not None:
-            dry_for_s, self._dry_at = now - self._dry_at, None
+            dry_at, self._dry_at = self._dry_at, None
+            dry_for_s = now - dry_at
             heard = self.taken >= self._judged_from and dry_for_s < self._pause_s
             # Only a gap heard mid-stream makes what queued meanwhile late.
             self._restarting = heard and not self._after_idle
             if self._restarting:
                 self.underruns += 1
                 self.last_gap_dry_s = dry_for_s
+                if self._audio_waited(dry_at):
+                    self.stalls += 1
             self._priming = True  # ran dry: start again with a reserve
             self._prime_deadline = None
             self._judged_from = self.taken + self._judge_after
@@ -244,6 +290,7 @@ class PlayoutQueue:
                 return None
             self._priming = False
             self._prime_deadline = None
+            self._skip = 0
             if self._restarting:
                 # Played in full, what piled up while the stream ran dry would
                 # stay in the latency for as long as audio flows. Keep the
@@ -251,7 +298,10 @@ class PlayoutQueue:
                 self._drop_above(self.hold + len(self._chunks[-1]))
             self.matcher.reset()
             self._measure_from = now + self._settle_s
-            self._base_s = None
+            if not self._restarting:
+                # A new stream, or one back from a pause: its delay starts afresh.
+                self._base_s = None
+            self._realign = self._base_s is not None
         self._restarting = False
         if self._trimmed:
             self._trimmed = False
@@ -275,6 +325,8 @@ class PlayoutQueue:
         server's share plus the reserve then), moving with the reserve, so
         a reserve grown by a stall is not kept as latency for ever."""
         self.writing = 0
+        if not self.queued:
+            self._availability.append((now, False))
         queue_s = self.queued / self.bytes_per_s + server_s
         if now < self._measure_from:
             return None
@@ -285,9 +337,58 @@ class PlayoutQueue:
         # stream had settled, glided to over 40 s; an echo canceller's delay).
         target = None if self._base_s is None else self._base_s + hold_s
         rate = self.matcher.update(now, queue_s, target)
-        if self._base_s is None and self.matcher.anchor_s is not None:
-            self._base_s = self.matcher.anchor_s - hold_s
+        anchor = self.matcher.anchor_s
+        if anchor is not None:
+            if self._base_s is None:
+                self._base_s = anchor - hold_s
+            elif self._realign:
+                self._realign = False
+                self._put_back(anchor - (self._base_s + hold_s), now)
         return rate
+
+    def _audio_waited(self, at: float) -> bool:
+        """Whether audio was here to write from `stall_margin_s` before `at` until `at`.
+
+        Then the stream ran dry at `at` because the writer or the server was
+        late (a scheduling stall), not the audio; audio that came within the
+        margin was late by that much and the gap is the audio's."""
+        since = at - self._stall_margin_s
+        available = False
+        for when, became in self._availability:
+            if when <= since:
+                available = became
+            elif when <= at and not became:
+                return False
+        return available
+
+    def _put_back(self, excess_s: float, now: float) -> None:
+        """Bring a restarted stream's delay back to the one before: skip `excess_s`
+        of the audio to come (what is queued first), or pad with silence."""
+        frames = round(excess_s * self.bytes_per_s / self.frame_size)
+        if abs(excess_s) <= self._realign_s or not frames:
+            return
+        nbytes = abs(frames) * self.frame_size
+        self.realigns += 1
+        self.matcher.reset()
+        if frames < 0:
+            if not self.queued + self.writing:
+                self._availability.append((now, True))
+            # Zero bytes are silence in every format carried (s16, s32, f32).
+            self._chunks.appendleft(bytes(nbytes))
+            self.queued += nbytes
+            return
+        while nbytes and self._chunks:
+            head = self._chunks[0]
+            cut = min(nbytes, len(head))
+            if cut == len(head):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[cut:]
+            self.queued -= cut
+            nbytes -= cut
+        self._skip = nbytes
+        if not self.queued + self.writing:
+            self._availability.append((now, False))
 
     def _drop_above(self, size: int) -> None:
         while self.queued > size and len(self._chunks) > 1:

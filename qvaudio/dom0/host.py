@@ -202,6 +202,12 @@ class HostPlayback(_HostThread):
         return self._playout.underruns
 
     @property
+    def stalls(self) -> int:
+        """Of `underruns`, those with the VM's audio waiting in dom0: dom0 or the host
+        server was late, not the VM."""
+        return self._playout.stalls
+
+    @property
     def rate_matcher(self) -> RateMatcher:
         """The host stream's rate, following the VM's clock."""
         return self._playout.matcher

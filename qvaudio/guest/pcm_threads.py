@@ -40,7 +40,7 @@ MIC_RESERVE_STEP_MS: Final = 5
 MIC_RESERVE_MAX_MS: Final = 40
 #: A step of reserve goes after this long without a gap; a gap soon after
 #: a step down doubles the wait, up to MIC_RESERVE_MAX_DECAY_S.
-MIC_RESERVE_DECAY_S: Final = 30.0
+MIC_RESERVE_DECAY_S: Final = 120.0
 MIC_RESERVE_MAX_DECAY_S: Final = 480.0
 #: Gaps this close together are one stall: one more step, not two.
 MIC_SAME_STALL_S: Final = 0.25
@@ -221,14 +221,15 @@ class MicWriter:
     on PipeWire the microphone's own node (`node`), fed like a playback stream.
 
     As little is kept queued as plays without a gap: one chunk when dom0's
-    chunks come on time, 5 ms more after each gap heard (a gap as capture
-    starts excepted) and 5 ms less after a quiet while (`MIC_RESERVE_*`),
-    because a call needs the microphone early more than it needs it whole.
-    Audio that piled up while the stream ran dry, or a backlog that stays,
-    goes (`qvaudio.core.playout_queue`); the stream's rate follows the host
-    microphone's clock. When nothing comes (dom0 refused, or has not
-    answered yet), nothing is written and recording applications read the
-    null sink's silence.
+    chunks come on time, 5 ms more after each gap heard because audio came
+    late (a gap as capture starts, or a stall with audio waiting, excepted)
+    and 5 ms less after a quiet while (`MIC_RESERVE_*`), because a call
+    needs the microphone early more than it needs it whole. Audio that piled
+    up while the stream ran dry, or a backlog that stays, goes, and after a
+    gap the delay is put back where it was (`qvaudio.core.playout_queue`);
+    the stream's rate follows the host microphone's clock. When nothing
+    comes (dom0 refused, or has not answered yet), nothing is written and
+    recording applications read the null sink's silence.
     """
 
     def __init__(
@@ -275,11 +276,13 @@ class MicWriter:
         self._thread.start()
 
     def status(self) -> dict[str, int]:
-        """For the status file: the reserve, gaps heard, chunks dropped as late."""
+        """For the status file: the reserve, gaps heard (of them, stalls: audio was
+        waiting), chunks dropped as late."""
         with self._cond:
             return {
                 "reserve_ms": self.reserve.ms,
                 "underruns": self._playout.underruns,
+                "stalls": self._playout.stalls,
                 "late_drops": self._playout.late_drops,
             }
 
@@ -302,7 +305,9 @@ class MicWriter:
             if now - self._last_put > MIC_PAUSE_S:
                 self._flowing_since = now
             self._last_put = now
-            gaps = self._playout.underruns
+            # Only gaps from late audio: a stall of this thread or of the VM's
+            # server leaves audio waiting here, where a reserve cannot help.
+            gaps = self._playout.late_gaps
             if gaps != self._gaps_seen:
                 self._gaps_seen = gaps
                 # A host record stream delivers unevenly as it starts: a gap
