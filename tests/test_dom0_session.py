@@ -574,13 +574,19 @@ def test_underruns_count_late_audio_but_not_idle_time() -> None:
     assert h.session.counters.underruns == 1, "a corked guest is idle, not late"
 
 
-def test_host_underruns_grow_the_reserve_once_per_stall() -> None:
+def playing_for_30_ms() -> tuple[Harness, bytes]:
+    """A session playing on time, and the 10 ms chunk it plays."""
     h = Harness(ALLOW_ALL)
     h.negotiate(capture=None)
     ten_ms = tone(S16, frames=480)
     for _ in range(3):
         h.send(PlaybackData(ten_ms))
         h.now += 0.010
+    return h, ten_ms
+
+
+def test_host_underruns_grow_the_reserve_once_per_stall() -> None:
+    h, ten_ms = playing_for_30_ms()
     h.session.host_underruns(1, 0, h.now)  # the host ran dry with nothing to give it
     assert h.session.counters.host_underruns == 1 and h.session.jitter_ms == 20
     h.session.host_underruns(1, 0, h.now + 1)  # the same count again: nothing new
@@ -600,12 +606,7 @@ def test_host_underruns_grow_the_reserve_once_per_stall() -> None:
 def test_host_stalls_are_counted_but_leave_the_reserve() -> None:
     """A gap with the VM's audio waiting in dom0 was dom0's or the host's: a larger
     reserve would not have reached the server sooner, and would only move the delay."""
-    h = Harness(ALLOW_ALL)
-    h.negotiate(capture=None)
-    ten_ms = tone(S16, frames=480)
-    for _ in range(3):
-        h.send(PlaybackData(ten_ms))
-        h.now += 0.010
+    h, _ = playing_for_30_ms()
     h.session.host_underruns(1, 1, h.now)
     h.session.host_underruns(2, 2, h.now + 1)
     counters = h.session.counters
