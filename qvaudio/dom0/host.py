@@ -201,11 +201,13 @@ class HostPlayback(_HostThread):
         """Times the host stream ran dry while the VM was playing: gaps heard."""
         return self._playout.underruns
 
-    @property
-    def stalls(self) -> int:
-        """Of `underruns`, those with the VM's audio waiting in dom0: dom0 or the host
-        server was late, not the VM."""
-        return self._playout.stalls
+    def gaps(self) -> tuple[int, int]:
+        """`underruns`, and of them the stalls (the VM's audio was waiting in dom0:
+        dom0 or the host server was late, not the VM), read together: the host
+        thread counts a stall's underrun a moment before the stall, and read
+        apart the pair could show a late gap that never was."""
+        with self._cond:
+            return self._playout.underruns, self._playout.stalls
 
     @property
     def rate_matcher(self) -> RateMatcher:

@@ -68,7 +68,7 @@ class VmService(AgentBase):
             session.host_status(
                 playback.played_frames, latency, capture.latency_us if capture else 0
             )
-            session.host_underruns(playback.underruns, playback.stalls, now)
+            session.host_underruns(*playback.gaps(), now)
             if playback.take_opened():
                 session.host_playback_opened()
             refusal = playback.take_refusal()
