@@ -4,8 +4,9 @@ Part of `VmSession` (see `dom0_session`). It agrees a playback format within
 the policy, opens and closes the VM's host stream (and waits out a host that
 refuses it), applies the volume cap to every sample, joins short frames,
 and sizes the reserve the host stream keeps: 10 ms on a quiet machine, a
-step more after each stall (audio arriving after the audio before it played
-out, or the host running dry), a step less after each quiet half minute.
+step more after each gap from late audio (audio arriving after the audio
+before it played out, or the host running dry with none of it waiting in
+dom0), a step less after each quiet 2 minutes.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ class PlaybackSide(VmSessionBase):
         # The host stream's running counts as last reported (new with each stream).
         self._host_dry_seen = 0
         self._host_stalls_seen = 0
-        self._host_late_seen = 0
 
     # -- what the shell asks ---------------------------------------------------------
 
@@ -122,15 +122,14 @@ class PlaybackSide(VmSessionBase):
         was late, a larger reserve in dom0's queue would not have reached the
         server any sooner, and growing it would only move the delay.
         """
-        late = count - stalls
+        late_before = self._host_dry_seen - self._host_stalls_seen
         if count > self._host_dry_seen:
             self.counters.host_underruns += count - self._host_dry_seen
             self._host_dry_seen = count
         if stalls > self._host_stalls_seen:
             self.counters.host_stalls += stalls - self._host_stalls_seen
             self._host_stalls_seen = stalls
-        if late > self._host_late_seen:
-            self._host_late_seen = late
+        if count - stalls > late_before:
             self._grow_jitter(now)
 
     def host_playback_failed(self, reason: str, now: float) -> list[Action]:
@@ -222,7 +221,7 @@ class PlaybackSide(VmSessionBase):
         self.playback_active = True
         self._meter.new_audio_format()
         self._playout_end = None
-        self._host_dry_seen = self._host_stalls_seen = self._host_late_seen = 0
+        self._host_dry_seen = self._host_stalls_seen = 0
         return [StartPlayback(fmt, initial)]
 
     def _stop_playback(self, reason: str) -> list[Action]:

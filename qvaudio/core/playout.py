@@ -54,11 +54,11 @@ class RateMatcher:
     ppm moves the queue 0.3 ms a second) but a jump: a burst, a stall, a
     server that changed its buffer. The reference then starts again from
     the queue and glides back; neither the learned drift nor the rate
-    moves. One such window alone is left out. A smaller gap drags the reference along once the
-    smoothed error passes `max_error_s`, so the correction on top of the
-    drift stays within about `2 * max_error_s / time_constant_s +
-    glide_ppm` (73 ppm with the defaults, plus a hertz of rounding): a
-    pitch change no one hears. Drags that keep coming mean drift the slow
+    moves. One such window alone is left out. A smaller gap drags the
+    reference along once the smoothed error passes `max_error_s`, so the
+    correction on top of the drift stays within about `2 * max_error_s /
+    time_constant_s + glide_ppm` (73 ppm with the defaults, plus a hertz of
+    rounding): a pitch change no one hears. Drags that keep coming mean drift the slow
     loop does not follow (the host stream moved to another sound card):
     the loop falls back towards its fast acquisition speed.
 
