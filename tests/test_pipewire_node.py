@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pulsectl
@@ -13,6 +14,7 @@ from qvaudio.core.formats import AudioFormat
 from qvaudio.pulse.pcm import PcmStream
 from qvaudio.pulse.pipewire_node import (
     MIN_SOURCE_VERSION,
+    STALE_S,
     NodeFeed,
     PipeWireError,
     SinkNode,
@@ -161,6 +163,54 @@ def test_a_feed_nobody_records_keeps_the_newest_and_closing_it_ends_writes(
         feed.close()  # idempotent
         with pytest.raises(PipeWireError, match="closed"):
             feed.write(bytes(FMT.bytes_for_ms(10)))
+
+
+def test_a_recorder_hears_nothing_of_what_an_earlier_recording_left(
+    pipewire_server: PipeWireServer,
+) -> None:
+    """The last 20 ms fed before the recorder went stay in the node's buffer (it keeps
+    the newest while nobody records): a recorder that comes much later must not get
+    them as the start of its recording."""
+    with SourceNode.open("qvaudio_stale_src", "stale", FMT, remote=remote(pipewire_server)) as node:
+        feed = node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5))
+        feed.write(tone.generate_sine(700.0, FMT, 0.020))
+        assert feed.latency_us() >= 20_000
+        assert feed.slack_us() is None, "no cycle played yet"
+        time.sleep(STALE_S * 2)  # it ages; nothing else is written
+        recorder = PcmStream.record(
+            pipewire_server.server, "qvaudio_stale_src", FMT, "node-test", "rec",
+            FMT.bytes_for_ms(10),
+        )  # fmt: skip
+        try:
+            pcm = b"".join(recorder.read(FMT.bytes_for_ms(10)) for _ in range(20))
+            wait_until(lambda: feed.starts == 1, "the node to count the recorder", 10)
+        finally:
+            recorder.close()
+    assert tone.find_onset(tone.decode_mono(pcm, FMT, mix=True)) is None, "the old audio played"
+
+
+def test_a_source_node_says_how_much_of_its_buffer_no_cycle_needed(
+    pipewire_server: PipeWireServer,
+) -> None:
+    with SourceNode.open("qvaudio_slack_src", "slack", FMT, remote=remote(pipewire_server)) as node:
+        feed = node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5))
+        feeder = Feeder(feed)  # writes whenever there is room: the buffer stays full
+        recorder = PcmStream.record(
+            pipewire_server.server, "qvaudio_slack_src", FMT, "node-test", "rec",
+            FMT.bytes_for_ms(10),
+        )  # fmt: skip
+        try:
+            for _ in range(50):
+                recorder.read(FMT.bytes_for_ms(10))
+            slack = feed.slack_us()
+        finally:
+            recorder.close()
+            feeder.stop()
+        assert feeder.error is None
+    # A full 20 ms buffer, a cycle of at most 1024 frames (21.3 ms) taken from it.
+    cycle_us = node.cycle_frames * 1_000_000 // FMT.rate
+    assert slack is not None and 0 <= slack <= 20_000
+    assert slack >= 20_000 - cycle_us - FMT.bytes_for_ms(10) * 1_000_000 // FMT.bytes_per_second
 
 
 def test_a_library_before_0_3_49_is_too_old_for_a_source_node() -> None:

@@ -240,6 +240,46 @@ def test_a_stream_that_came_back_early_is_padded_with_silence() -> None:
     assert (q2.underruns, q2.realigns) == (1, 0)
 
 
+def test_what_the_stream_never_needed_goes_and_the_delay_stays_lower() -> None:
+    """A shell that can tell the stream held 6 ms it never needed (a PipeWire node
+    knows the least it held at a cycle) lowers the delay: 6 ms of the audio to come
+    are skipped, once, and the rate matcher holds the lower level instead of
+    filling the stream back up to where it had settled."""
+
+    def run(lowered: bool) -> tuple[list[int], int]:
+        q = queue(settle_s=1.0)
+        last = heard_stream(q, 3.0)
+        assert q.matcher.anchor_s == pytest.approx(0.020)
+        now = last + 0.010
+        assert not q.lower(0.0009, now), "within a millisecond: left alone"
+        if lowered:
+            assert q.lower(0.006, now)
+        lengths = []
+        while now < last + 20.0:
+            q.put(chunk(), now, limit=50 * CHUNK, hold=CHUNK)
+            while (c := q.take(now)) is not None:
+                lengths.append(len(c))
+                q.written(now, 0.014)  # the server holds 6 ms less from now on
+            now = round(now + 0.010, 6)
+        assert q.underruns == 0
+        return lengths, q.matcher.rate
+
+    lengths, rate = run(lowered=True)
+    assert lengths.count(CHUNK - 6 * MS) == 1, "6 ms skipped, once"
+    assert all(n == CHUNK for n in lengths if n != CHUNK - 6 * MS)
+    assert rate == RATE, "held where it was lowered to"
+    # Not told, the matcher takes the lower level for drift and fills it back up.
+    _lengths, rate = run(lowered=False)
+    assert rate < RATE
+
+
+def test_nothing_is_lowered_before_the_delay_is_anchored() -> None:
+    q = queue(settle_s=1.0)
+    q.put(chunk(), 0.0, limit=50 * CHUNK, hold=CHUNK)
+    assert not q.lower(0.006, 0.0)
+    assert (q.lowerings, q.queued) == (0, CHUNK)
+
+
 def test_a_new_stream_or_one_back_from_a_pause_starts_its_delay_afresh() -> None:
     q = queue(settle_s=1.0, pause_s=0.5)
     last = heard_stream(q, 3.0)

@@ -172,6 +172,8 @@ class PlayoutQueue:
         self.stalls = 0
         #: Times the delay was put back where it was after a restart.
         self.realigns = 0
+        #: Times the delay was lowered because the stream held more than it needed.
+        self.lowerings = 0
         #: When audio became available to write (True) or ran out (False), oldest
         #: first: whose a gap was is judged after the fact, from the gap's time.
         self._availability: collections.deque[tuple[float, bool]] = collections.deque(maxlen=64)
@@ -377,6 +379,24 @@ class PlayoutQueue:
             self._chunks.appendleft(bytes(nbytes))
             self.queued += nbytes
             return
+        self._skip_ahead(nbytes, now)
+
+    def lower(self, excess_s: float, now: float) -> bool:
+        """The stream held `excess_s` more than it ever needed, beyond the reserve (a
+        shell that can tell: a PipeWire node knows the least it held at a cycle).
+        Skip that much of the audio to come and keep the delay that much lower.
+        True if it did: not before the delay is anchored, nor for a millisecond."""
+        frames = int(excess_s * self.bytes_per_s) // self.frame_size
+        if self._base_s is None or excess_s <= self._realign_s or not frames:
+            return False
+        self._base_s -= frames * self.frame_size / self.bytes_per_s
+        self.lowerings += 1
+        self.matcher.reset()
+        self._skip_ahead(frames * self.frame_size, now)
+        return True
+
+    def _skip_ahead(self, nbytes: int, now: float) -> None:
+        """Drop `nbytes` of the oldest audio queued, and of what comes next if too few are."""
         while nbytes and self._chunks:
             head = self._chunks[0]
             cut = min(nbytes, len(head))

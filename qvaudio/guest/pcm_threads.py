@@ -50,6 +50,8 @@ MIC_SERVER_BUFFER_MS: Final = 20
 MIC_TRIM_MARGIN_MS: Final = 10
 #: Microphone audio after a pause this long starts a new flow (dom0 started capturing).
 MIC_PAUSE_S: Final = 0.5
+#: How often the microphone's node is asked how much of its buffer was never needed.
+MIC_SLACK_WINDOW_S: Final = 1.0
 #: Gaps in a flow's first this long do not grow the reserve.
 MIC_STARTUP_S: Final = 0.5
 
@@ -270,6 +272,7 @@ class MicWriter:
             settle_s=SETTLE_S,
         )
         self._gaps_seen = 0
+        self._slack_asked = time.monotonic()
         self._last_put = -math.inf
         self._flowing_since = -math.inf
         self._thread = threading.Thread(target=self._run, name="mic-writer", daemon=True)
@@ -277,13 +280,14 @@ class MicWriter:
 
     def status(self) -> dict[str, int]:
         """For the status file: the reserve, gaps heard (of them, stalls: audio was
-        waiting), chunks dropped as late."""
+        waiting), chunks dropped as late, times the delay was lowered to the need."""
         with self._cond:
             return {
                 "reserve_ms": self.reserve.ms,
                 "underruns": self._playout.underruns,
                 "stalls": self._playout.stalls,
                 "late_drops": self._playout.late_drops,
+                "lowered": self._playout.lowerings,
             }
 
     def latency_us(self) -> int:
@@ -354,6 +358,8 @@ class MicWriter:
 
         def after_write(latency_us: int, _ran_dry: bool) -> None:
             self._stream_latency_us = latency_us
+            if isinstance(stream, NodeFeed):
+                self._lower_to_need(stream)
 
         try:
             feed(stream, self._playout, self._cond, lambda: self._stopping,
@@ -366,6 +372,26 @@ class MicWriter:
                     "microphone feed stopped: %s", exc)  # fmt: skip
         finally:
             stream.close()
+
+    def _lower_to_need(self, stream: NodeFeed) -> None:
+        """Once a second: what the node never needed beyond the reserve goes.
+
+        The level a stream settles at is wherever it started (a burst as dom0's
+        capture starts, a start a chunk over the node's threshold) and the rate
+        matcher holds it there: on PipeWire, 5-10 ms more than the graph ever
+        took (bench/capture_bench.py). The node knows the least it held at a
+        cycle; keeping the reserve of that, the rest is latency for nothing."""
+        now = time.monotonic()
+        if now - self._slack_asked < MIC_SLACK_WINDOW_S:
+            return
+        self._slack_asked = now
+        slack_us = stream.slack_us()
+        if slack_us is None:
+            return
+        with self._cond:
+            excess_s = slack_us / 1e6 - self.reserve.ms / 1000
+            if self._playout.lower(excess_s, now):
+                log.debug("virtual microphone: %.1f ms the node never needed went", excess_s * 1e3)
 
     def _open(self) -> PlaybackStream:
         # The agent keeps this stream open while dom0 is connected, not

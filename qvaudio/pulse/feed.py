@@ -35,6 +35,10 @@ class PlaybackStream(Protocol):
     def underflows(self) -> int: ...
     @property
     def last_underflow_at(self) -> float: ...
+    #: Times the server dropped what the stream held and started it afresh (a
+    #: recorder came to a PipeWire source node): a new stream for the queue.
+    @property
+    def starts(self) -> int: ...
     def write(self, pcm: bytes) -> None: ...
     def latency_us(self) -> int: ...
     def set_rate(self, rate: int) -> None: ...
@@ -58,12 +62,16 @@ def feed(
     if playout.matcher.rate != stream.rate:
         stream.set_rate(playout.matcher.rate)  # the drift learned before
     underflows = stream.underflows
+    starts = stream.starts
     with cond:
         playout.stream_started()
     while True:
         with cond:
             chunk = None
             while not stopping():
+                if stream.starts != starts:
+                    starts = stream.starts
+                    playout.stream_started()
                 if stream.underflows != underflows:
                     underflows = stream.underflows
                     playout.ran_dry(stream.last_underflow_at)

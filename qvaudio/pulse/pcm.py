@@ -455,6 +455,9 @@ class PcmStream(Closing):
         self.rate = fmt.rate
         #: The host stream's index on the server (its sink input / source output).
         self.index: int | None = None
+        #: A playback stream plays what it is given from its first write on; it is
+        #: never started afresh by the server (`qvaudio.pulse.feed.PlaybackStream`).
+        self.starts = 0
 
     # -- construction -------------------------------------------------
 

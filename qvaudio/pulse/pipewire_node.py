@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import logging
+import math
 import os
 import re
 import threading
@@ -51,6 +52,9 @@ DEFAULT_CYCLE_BYTES: Final = 4096
 MIN_SOURCE_VERSION: Final = (0, 3, 49)
 #: A full feed looks at the node this often, in case it went away.
 WRITE_WAKE_S: Final = 0.1
+#: Audio a source node kept while nothing recorded is from an earlier recording,
+#: not the start of this one, when nothing was written for this long.
+STALE_S: Final = 0.1
 
 _PW_VERSION_STREAM_EVENTS: Final = 2
 _PW_DIRECTION_INPUT: Final = 0
@@ -124,6 +128,7 @@ def _on_state(data: Any, _old: int, state: int, error: Any) -> None:
     if error != ffi.NULL:
         text: Any = ffi.string(error)
         node._error = text.decode("utf-8", "backslashreplace")
+    node._state_changed(state)
     node._changed.set()
 
 
@@ -195,6 +200,9 @@ class _Node(Closing):
 
     def _latency_pod(self, latency_ns: int) -> bytes:
         raise NotImplementedError
+
+    def _state_changed(self, state: int) -> None:
+        """The server moved the node to `state` (on the loop's thread)."""
 
     def _process(self) -> None:
         raise NotImplementedError
@@ -363,10 +371,21 @@ class SourceNode(_Node):
         self._playing = False
         self.underflows = 0
         self.last_underflow_at = 0.0
+        #: Times a recorder came: the graph began running the node after it had not.
+        self.recordings = 0
+        self._recorder_came = False
+        #: The least the buffer held at a cycle beyond what the cycle took, since
+        #: the feed last asked (`NodeFeed.slack_us`); None: no cycle played.
+        self._least_spare: int | None = None
         self._zeros = b""
 
     def _latency_pod(self, latency_ns: int) -> bytes:
         return spa_pod.capture_latency(latency_ns)
+
+    def _state_changed(self, state: int) -> None:
+        if state == _STATE_STREAMING:
+            with self._cond:
+                self._recorder_came = True
 
     def _open(
         self, name: str, description: str, fmt: AudioFormat, remote: str | None, timeout: float
@@ -423,6 +442,21 @@ class SourceNode(_Node):
             if feed is None:
                 return b""
             ring = self._ring
+            if self._recorder_came:
+                self._recorder_came = False
+                self.recordings += 1
+                # While nothing recorded, the buffer kept the newest audio, up
+                # to its size (20 ms for the microphone): played from its
+                # front, all of it would stay in the recording's latency.
+                # The newest of it, enough to start, is what a recorder wants,
+                # unless it is from an earlier recording: then none of it.
+                fresh = time.monotonic() - feed.last_write_at < STALE_S
+                keep = feed.prebuf_bytes + want if fresh else 0
+                excess = (len(ring) - keep) // self._frame_size * self._frame_size
+                if excess > 0:
+                    del ring[:excess]
+                self._playing = False
+                self._cond.notify_all()
             # A whole cycle on top of the prebuffer: a cycle is longer than
             # the chunks the writer brings (512 frames against 480 in 10 ms),
             # so starting on the prebuffer alone would run short every cycle
@@ -431,6 +465,9 @@ class SourceNode(_Node):
                 self._playing = True
             if not self._playing:
                 return b""
+            spare = len(ring) - want
+            if self._least_spare is None or spare < self._least_spare:
+                self._least_spare = spare
             pcm = bytes(ring[:want])
             del ring[:want]
             if len(pcm) < want:
@@ -476,6 +513,8 @@ class NodeFeed(Closing):
         self.rate = fmt.rate
         self.buffer_bytes = max(buffer_bytes, fmt.frame_size)
         self.prebuf_bytes = min(max(prebuf_bytes, 0), self.buffer_bytes)
+        #: When audio was last written (monotonic).
+        self.last_write_at = -math.inf
         self._closed = False
 
     @property
@@ -485,6 +524,11 @@ class NodeFeed(Closing):
     @property
     def last_underflow_at(self) -> float:
         return self._node.last_underflow_at
+
+    @property
+    def starts(self) -> int:
+        """Times a recorder came to the node, which then starts afresh from the newest audio."""
+        return self._node.recordings
 
     def write(self, pcm: bytes) -> None:
         node = self._node
@@ -501,10 +545,12 @@ class NodeFeed(Closing):
                 limit = max(self.buffer_bytes, self.prebuf_bytes + node._cycle_bytes + len(pcm))
                 if len(ring) + len(pcm) <= limit:
                     ring += pcm
+                    self.last_write_at = time.monotonic()
                     break
                 if not node.streaming:
                     del ring[: len(ring) + len(pcm) - limit]
                     ring += pcm
+                    self.last_write_at = time.monotonic()
                     paced = True
                     break
                 node._cond.wait(WRITE_WAKE_S)
@@ -519,6 +565,17 @@ class NodeFeed(Closing):
         with node._cond:
             buffered = len(node._ring)
         return (buffered + node._cycle_bytes) * 1_000_000 // self.format.bytes_per_second
+
+    def slack_us(self) -> int | None:
+        """The least audio the node held at a graph cycle beyond what the cycle took,
+        since the last call (None: no cycle played since): how much of the buffer
+        was never needed, however unevenly the feed and the graph ran meanwhile."""
+        node = self._node
+        with node._cond:
+            spare, node._least_spare = node._least_spare, None
+        if spare is None:
+            return None
+        return max(spare, 0) * 1_000_000 // self.format.bytes_per_second
 
     def set_rate(self, rate: int) -> None:
         """Take the audio as if it came at `rate` Hz: a little over its rate drains the buffer."""
