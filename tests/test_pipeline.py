@@ -180,11 +180,17 @@ def test_a_pipewire_vm_records_the_microphone_and_is_told_how_old_it_is(
             context=lambda: f"{paths_ms()}\n{pipe.logs()}",
         )
 
+        told_seen: list[tuple[float, float]] = []
+
         def told() -> bool:
             seen = statistics.median(_sample_latency_ms(recorder) for _ in range(10))
-            return abs(seen - paths_ms()[1]) <= 15
+            told_seen.append((seen, paths_ms()[1]))
+            return abs(seen - told_seen[-1][1]) <= 15
 
-        wait_until(told, "the recorder told the path", 10, interval=0.1, context=pipe.logs)
+        wait_until(
+            told, "the recorder told the path", 10, interval=0.1,
+            context=lambda: f"(recorder's query, published) ms: {told_seen[-5:]}\n{pipe.logs()}",
+        )  # fmt: skip
         allowed_until = len(recorded)
         write_policy(
             pipe.dom0.policy_dir, "rules:\n  - vm: vm1\n    playback: allow\n    capture: deny\n"
