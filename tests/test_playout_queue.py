@@ -89,11 +89,27 @@ def test_a_gap_long_after_a_step_down_leaves_the_wait_alone() -> None:
     assert no_backoff.gap(35.0) and no_backoff.decay_s == 30.0, "max_decay_s unset: fixed wait"
 
 
+def test_a_gap_alone_after_a_quiet_while_is_forgiven_and_the_next_grows_the_reserve() -> None:
+    r = JitterReserve(replace(LIMITS, gaps_to_grow=2), now=0.0)
+    assert not r.gap(10.0) and r.ms == 10, "one gap: forgiven"
+    assert not r.gap(10.1), "the same stall seen twice is still one gap"
+    assert r.gap(20.0) and r.ms == 20, "a second within the quiet wait: a step"
+    assert r.gap(25.0) and r.ms == 30, "and each after it"
+    assert r.tick(55.1) and r.ms == 20
+    # Quiet for longer than the wait: the next gap alone is forgiven again,
+    # and counts as a gap for the step down, which waits a whole while.
+    assert not r.gap(100.0) and r.ms == 20
+    assert not r.tick(129.0) and r.ms == 20
+    assert r.tick(130.1) and r.ms == 10
+
+
 def test_reserve_limits_that_make_no_sense_are_refused() -> None:
     with pytest.raises(ValueError):
         JitterReserve(ReserveLimits(50, 10, 40, 30.0, 0.25), now=0.0)
     with pytest.raises(ValueError):
         JitterReserve(ReserveLimits(10, 0, 40, 30.0, 0.25), now=0.0)
+    with pytest.raises(ValueError):
+        JitterReserve(replace(LIMITS, gaps_to_grow=0), now=0.0)
 
 
 # -- the queue's rules ------------------------------------------------------------------------

@@ -172,8 +172,9 @@ class Dom0Settings:
     #: Target latency of each VM's stream on the host server.
     playback_latency_ms: int = 30
     #: Audio dom0 holds for each VM before its host stream (re)starts: the
-    #: least jitter reserve. It grows by 10 ms after each gap from late audio,
-    #: up to 100 ms, and shrinks after 2 minutes without one.
+    #: least jitter reserve. It grows by 10 ms after each gap from late audio
+    #: but the first after 2 quiet minutes, up to 100 ms, and shrinks after 2
+    #: minutes without one.
     playback_reserve_ms: int = 10
     capture_period_ms: int = 5
     pulse_server: str = ""

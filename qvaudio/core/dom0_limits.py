@@ -40,10 +40,11 @@ class Limits:
     host_buffer_ms: int = 30
     #: Adaptive jitter buffer: audio held in dom0 on top of the host buffer.
     #: It starts at `jitter_start_ms`, grows by `jitter_step_ms` with every
-    #: underrun up to `jitter_max_ms`, and shrinks by a step after each
-    #: `jitter_decay_s` without one: a quiet machine keeps its low latency,
-    #: a busy one trades some latency for no crackle. A gap soon after a step
-    #: down doubles that wait, up to `jitter_max_decay_s` (JitterReserve).
+    #: underrun but a lone one (`jitter_gaps_to_grow`) up to `jitter_max_ms`,
+    #: and shrinks by a step after each `jitter_decay_s` without one: a quiet
+    #: machine keeps its low latency, a busy one trades some latency for no
+    #: crackle. A gap soon after a step down doubles that wait, up to
+    #: `jitter_max_decay_s` (JitterReserve).
     jitter_start_ms: int = 10
     jitter_step_ms: int = 10
     jitter_max_ms: int = 100
@@ -51,6 +52,11 @@ class Limits:
     jitter_max_decay_s: float = 480.0
     #: Underruns this close together are one stall, and grow the reserve once.
     jitter_same_stall_s: float = 0.25
+    #: Gaps it takes to grow the reserve, each within the quiet wait of the
+    #: one before: a gap alone after a quiet while is forgiven (the delay is
+    #: put back where it was), so a VM stalled once in a few minutes does not
+    #: move its delay up and, minutes later, down again.
+    jitter_gaps_to_grow: int = 2
     #: A backlog this far above the jitter target, kept for `trim_after_s`,
     #: is dropped down to the target (latency recovers after a stall).
     trim_margin_ms: int = 20

@@ -6,7 +6,8 @@ refuses it), applies the volume cap to every sample, joins short frames,
 and sizes the reserve the host stream keeps: 10 ms on a quiet machine, a
 step more after each gap from late audio (audio arriving after the audio
 before it played out, or the host running dry with none of it waiting in
-dom0), a step less after each quiet 2 minutes.
+dom0) but the first after a quiet while, a step less after each quiet 2
+minutes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class PlaybackSide(VmSessionBase):
                 decay_s=limits.jitter_decay_s,
                 same_stall_s=limits.jitter_same_stall_s,
                 max_decay_s=limits.jitter_max_decay_s,
+                gaps_to_grow=limits.jitter_gaps_to_grow,
             ),
             now,
         )

@@ -7,8 +7,8 @@ microphone into the VM). Both need the same decisions, and they are made
 here, as pure code driven by bytes and times the shell passes in:
 
 * how much to keep in reserve before a stream (re)starts, against late
-  arrivals (`JitterReserve`: a step more after each gap heard, a step less
-  after a quiet while);
+  arrivals (`JitterReserve`: a step more after each gap heard, but the
+  first after a quiet while, a step less after a quiet while);
 * what a gap heard means: audio that piled up while the stream ran dry is
   late and goes, keeping the reserve; a stream that was paused (nothing to
   play for a while) restarts without counting a gap; and whose the gap was:
@@ -53,6 +53,9 @@ class ReserveLimits:
     #: The longest the quiet wait before a step down may grow to (see
     #: `JitterReserve`); equal to `decay_s`, the wait never grows.
     max_decay_s: float = 0.0
+    #: Gaps it takes for a step more, each within the quiet wait of the one
+    #: before: above 1, a gap alone after a quiet while grows nothing.
+    gaps_to_grow: int = 1
 
 
 class JitterReserve:
@@ -66,10 +69,21 @@ class JitterReserve:
     still instead of stepping down and back up with a gap each time (what an
     echo canceller hears as a moving delay). A full wait at the starting
     reserve without a gap halves the wait again.
+
+    With `gaps_to_grow` 2, one gap after a quiet while is forgiven: a
+    machine that stalls once every few minutes would otherwise carry a
+    larger reserve for minutes after each stall and step down again, the
+    delay moving twice for every gap (the queue puts the delay back after
+    a gap, so a forgiven one leaves it where it was). A second gap within
+    the quiet wait grows it, so jitter that recurs costs one gap more.
     """
 
     def __init__(self, limits: ReserveLimits, now: float) -> None:
-        if not 0 <= limits.start_ms <= limits.max_ms or limits.step_ms <= 0:
+        if (
+            not 0 <= limits.start_ms <= limits.max_ms
+            or limits.step_ms <= 0
+            or limits.gaps_to_grow < 1
+        ):
             raise ValueError(f"reserve limits do not make sense: {limits}")
         self.limits = limits
         self.ms = limits.start_ms
@@ -77,14 +91,23 @@ class JitterReserve:
         self.decay_s = limits.decay_s
         self._longest_decay_s = max(limits.decay_s, limits.max_decay_s)
         self._changed = now
-        self._grown = -math.inf
+        self._last_gap = -math.inf
+        #: Gaps in a row, each within the quiet wait of the one before.
+        self._gaps_in_row = 0
         self._shrunk = -math.inf
 
     def gap(self, now: float) -> bool:
-        """A gap was heard (or audio came too late): one step more; True if it grew."""
-        if now - self._grown < self.limits.same_stall_s:
+        """A gap was heard (or audio came too late): one step more, unless it is the
+        first after a quiet while and `gaps_to_grow` forgives it; True if it grew."""
+        if now - self._last_gap < self.limits.same_stall_s:
             return False
-        self._grown = now
+        if now - self._last_gap > self.decay_s:
+            self._gaps_in_row = 0
+        self._last_gap = now
+        self._gaps_in_row += 1
+        if self._gaps_in_row < self.limits.gaps_to_grow:
+            self._changed = now  # not a quiet while: no step down for a while
+            return False
         if now - self._shrunk < self.decay_s:
             self.decay_s = min(self.decay_s * 2, self._longest_decay_s)
         return self._step(now, +self.limits.step_ms)

@@ -44,6 +44,8 @@ MIC_RESERVE_DECAY_S: Final = 120.0
 MIC_RESERVE_MAX_DECAY_S: Final = 480.0
 #: Gaps this close together are one stall: one more step, not two.
 MIC_SAME_STALL_S: Final = 0.25
+#: A gap alone after a quiet while grows nothing; the second in a row does.
+MIC_RESERVE_GAPS_TO_GROW: Final = 2
 #: The virtual microphone stream's buffer in the VM's audio server.
 MIC_SERVER_BUFFER_MS: Final = 20
 #: A queue this far over the reserve for a while is a backlog.
@@ -224,7 +226,8 @@ class MicWriter:
 
     As little is kept queued as plays without a gap: one chunk when dom0's
     chunks come on time, 5 ms more after each gap heard because audio came
-    late (a gap as capture starts, or a stall with audio waiting, excepted)
+    late (the first after a quiet while, a gap as capture starts, or a stall
+    with audio waiting, excepted)
     and 5 ms less after a quiet while (`MIC_RESERVE_*`), because a call
     needs the microphone early more than it needs it whole. Audio that piled
     up while the stream ran dry, or a backlog that stays, goes, and after a
@@ -262,6 +265,7 @@ class MicWriter:
                 decay_s=MIC_RESERVE_DECAY_S,
                 same_stall_s=MIC_SAME_STALL_S,
                 max_decay_s=MIC_RESERVE_MAX_DECAY_S,
+                gaps_to_grow=MIC_RESERVE_GAPS_TO_GROW,
             ),
             now,
         )
