@@ -32,6 +32,11 @@ def remote(server: PipeWireServer) -> str:
     return str(Path(server.env["PIPEWIRE_RUNTIME_DIR"]) / "pipewire-0")
 
 
+def record_from(server: PipeWireServer, source: str) -> PcmStream:
+    """An application's record stream on `source`, in 10 ms fragments."""
+    return PcmStream.record(server.server, source, FMT, "node-test", "rec", FMT.bytes_for_ms(10))
+
+
 def sink_names(server: PipeWireServer) -> set[str]:
     with pulsectl.Pulse("qvaudio-test-node", server=server.server) as pulse:
         return {sink.name for sink in pulse.sink_list()}
@@ -104,10 +109,7 @@ class Feeder:
 def test_a_source_node_gives_a_recorder_what_it_is_fed(pipewire_server: PipeWireServer) -> None:
     with SourceNode.open("qvaudio_src_test", "src", FMT, remote=remote(pipewire_server)) as node:
         feeder = Feeder(node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5)))
-        recorder = PcmStream.record(
-            pipewire_server.server, "qvaudio_src_test", FMT, "node-test", "rec",
-            FMT.bytes_for_ms(10),
-        )  # fmt: skip
+        recorder = record_from(pipewire_server, "qvaudio_src_test")
         try:
             pcm = b"".join(recorder.read(FMT.bytes_for_ms(10)) for _ in range(150))
         finally:
@@ -129,10 +131,7 @@ def test_a_source_nodes_rate_takes_more_of_the_feed_per_cycle(
     with SourceNode.open("qvaudio_rate_test", "rate", FMT, remote=remote(pipewire_server)) as node:
         feed = node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5))
         feeder = Feeder(feed)
-        recorder = PcmStream.record(
-            pipewire_server.server, "qvaudio_rate_test", FMT, "node-test", "rec",
-            FMT.bytes_for_ms(10),
-        )  # fmt: skip
+        recorder = record_from(pipewire_server, "qvaudio_rate_test")
         reading = threading.Thread(
             target=lambda: [recorder.read(FMT.bytes_for_ms(10)) for _ in range(400)], daemon=True
         )
@@ -177,10 +176,7 @@ def test_a_recorder_hears_nothing_of_what_an_earlier_recording_left(
         assert feed.latency_us() >= 20_000
         assert feed.slack_us() is None, "no cycle played yet"
         time.sleep(STALE_S * 2)  # it ages; nothing else is written
-        recorder = PcmStream.record(
-            pipewire_server.server, "qvaudio_stale_src", FMT, "node-test", "rec",
-            FMT.bytes_for_ms(10),
-        )  # fmt: skip
+        recorder = record_from(pipewire_server, "qvaudio_stale_src")
         try:
             pcm = b"".join(recorder.read(FMT.bytes_for_ms(10)) for _ in range(20))
             wait_until(lambda: feed.starts == 1, "the node to count the recorder", 10)
@@ -192,25 +188,37 @@ def test_a_recorder_hears_nothing_of_what_an_earlier_recording_left(
 def test_a_source_node_says_how_much_of_its_buffer_no_cycle_needed(
     pipewire_server: PipeWireServer,
 ) -> None:
+    """A feed that keeps the 20 ms buffer full (it writes whenever there is room)
+    leaves most of it untaken by cycles of 5-10 ms: the figure says so, and never
+    more than the buffer holds. Polled: a stalled writer makes a window's figure 0."""
     with SourceNode.open("qvaudio_slack_src", "slack", FMT, remote=remote(pipewire_server)) as node:
         feed = node.feed(FMT.bytes_for_ms(20), FMT.bytes_for_ms(5))
-        feeder = Feeder(feed)  # writes whenever there is room: the buffer stays full
-        recorder = PcmStream.record(
-            pipewire_server.server, "qvaudio_slack_src", FMT, "node-test", "rec",
-            FMT.bytes_for_ms(10),
-        )  # fmt: skip
-        try:
-            for _ in range(50):
+        feeder = Feeder(feed)
+        recorder = record_from(pipewire_server, "qvaudio_slack_src")
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
                 recorder.read(FMT.bytes_for_ms(10))
-            slack = feed.slack_us()
+
+        reading = threading.Thread(target=read, daemon=True)
+        reading.start()
+        seen: list[int | None] = []
+
+        def some_never_needed() -> bool:
+            seen.append(feed.slack_us())
+            return (seen[-1] or 0) >= 2_000
+
+        try:
+            wait_until(some_never_needed, "a window with 2 ms never taken", 10, interval=0.2,
+                       context=lambda: f"seen {seen[-10:]}")  # fmt: skip
         finally:
+            stop.set()
+            reading.join(5)
             recorder.close()
             feeder.stop()
         assert feeder.error is None
-    # A full 20 ms buffer, a cycle of at most 1024 frames (21.3 ms) taken from it.
-    cycle_us = node.cycle_frames * 1_000_000 // FMT.rate
-    assert slack is not None and 0 <= slack <= 20_000
-    assert slack >= 20_000 - cycle_us - FMT.bytes_for_ms(10) * 1_000_000 // FMT.bytes_per_second
+    assert all(slack is None or 0 <= slack <= 20_000 for slack in seen), seen
 
 
 def test_a_library_before_0_3_49_is_too_old_for_a_source_node() -> None:

@@ -448,10 +448,12 @@ class SourceNode(_Node):
                 # While nothing recorded, the buffer kept the newest audio, up
                 # to its size (20 ms for the microphone): played from its
                 # front, all of it would stay in the recording's latency.
-                # The newest of it, enough to start, is what a recorder wants,
-                # unless it is from an earlier recording: then none of it.
+                # The newest of it, enough to start and to wait for the next
+                # write (the writer may be sleeping out a paced one), is what a
+                # recorder wants, unless it is from an earlier recording: then
+                # none of it.
                 fresh = time.monotonic() - feed.last_write_at < STALE_S
-                keep = feed.prebuf_bytes + want if fresh else 0
+                keep = feed.prebuf_bytes + want + feed.last_write_bytes if fresh else 0
                 excess = (len(ring) - keep) // self._frame_size * self._frame_size
                 if excess > 0:
                     del ring[:excess]
@@ -513,8 +515,9 @@ class NodeFeed(Closing):
         self.rate = fmt.rate
         self.buffer_bytes = max(buffer_bytes, fmt.frame_size)
         self.prebuf_bytes = min(max(prebuf_bytes, 0), self.buffer_bytes)
-        #: When audio was last written (monotonic).
+        #: When audio was last written (monotonic), and how much.
         self.last_write_at = -math.inf
+        self.last_write_bytes = 0
         self._closed = False
 
     @property
@@ -545,15 +548,15 @@ class NodeFeed(Closing):
                 limit = max(self.buffer_bytes, self.prebuf_bytes + node._cycle_bytes + len(pcm))
                 if len(ring) + len(pcm) <= limit:
                     ring += pcm
-                    self.last_write_at = time.monotonic()
                     break
                 if not node.streaming:
                     del ring[: len(ring) + len(pcm) - limit]
                     ring += pcm
-                    self.last_write_at = time.monotonic()
                     paced = True
                     break
                 node._cond.wait(WRITE_WAKE_S)
+            self.last_write_at = time.monotonic()
+            self.last_write_bytes = len(pcm)
         if paced:
             time.sleep(len(pcm) / self.format.bytes_per_second)
 
