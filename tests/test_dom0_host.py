@@ -77,11 +77,13 @@ def test_the_host_stream_follows_a_vm_clock_that_runs_fast(
     try:
         start_null_sink_clock_once_dom0_plays(pulse_server)
         sender.start()
-        # A ceiling, not a pace: the matcher settles in tens of seconds.
+        # A ceiling, not a pace: the matcher settles in tens of seconds (10-34 s
+        # alone and in CI-like runs; once 79 s in the full suite, so 90 was
+        # too close).
         wait_until(
             lambda: playback.rate_matcher.drift_ppm > ppm / 3,
             "the drift to be learned",
-            90,
+            180,
             context=lambda: f"drift {playback.rate_matcher.drift_ppm:.0f} ppm",
         )
         assert playback.rate_matcher.rate > S16.rate
